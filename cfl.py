@@ -1,0 +1,101 @@
+"""Mask colour codes for SimGen (paper §3.2, Fig. 2): classes as points in RGB space.
+
+A segmentation mask of n classes becomes a 3-channel image in [-1, 1] so that it can be
+concatenated with the RGB image and denoised by the same DDPM. The paper's choice is the
+Canonical Fibonacci Lattice (CFL): n points spread almost uniformly over the unit sphere,
+so any two classes are far apart and a generated colour is decoded back to its class by
+cosine similarity (§3.4). The two encodings the paper ablates (Table 4, Fig. 11) sit
+beside it behind `scheme`:
+
+    "cfl"     Fibonacci lattice on the unit sphere, decoded by cosine similarity (paper)
+    "gray"    one grey level per class, (v, v, v), v evenly spaced in [-1, 1]
+    "random"  one random RGB colour per class (fixed seed), as in a typical colour palette
+
+Depends on torch only, so this file can be copied into another project alone.
+"""
+
+import math
+
+import torch
+
+SCHEMES = ("cfl", "gray", "random")
+
+
+def fibonacci_lattice(n: int) -> torch.Tensor:
+    """The canonical Fibonacci lattice: n unit vectors, (n, 3) float32.
+
+    Algorithm 1 of the SimGen paper is referred to but its pseudocode is missing from the
+    text, so this is a reconstruction from the paper's description ("golden angles and the
+    Fibonacci sequence", uniform points on the unit sphere) using the canonical lattice of
+    Swinbank & Purser (2006) and González (2010), "Measurement of areas on a sphere using
+    Fibonacci and latitude-longitude lattices", Math. Geosci. 42:49-64:
+
+        z_i   = 1 - (2i + 1) / n          heights evenly spaced, half a step from the poles
+        lon_i = 2 pi i / Phi  (mod 2 pi)  successive points turn by the golden angle
+        p_i   = (sqrt(1 - z_i^2) cos lon_i, sqrt(1 - z_i^2) sin lon_i, z_i)
+
+    for i = 0..n-1, with Phi = (1 + sqrt 5) / 2. Equal heights give equal-area bands
+    (Archimedes), and the irrational golden turn keeps neighbouring bands from lining up.
+    """
+    if n < 1:
+        raise ValueError(f"fibonacci_lattice needs n >= 1, got {n}")
+    golden_ratio = (1 + math.sqrt(5)) / 2
+    i = torch.arange(n, dtype=torch.float64)
+    z = 1 - (2 * i + 1) / n
+    lon = 2 * math.pi * i / golden_ratio
+    r = torch.sqrt(1 - z * z)  # radius of the circle of latitude at height z
+    # Computed in float64 so large n keeps its spacing; stored as float32 like the images.
+    return torch.stack([r * torch.cos(lon), r * torch.sin(lon), z], dim=1).float()
+
+
+def palette(n: int, scheme: str = "cfl") -> torch.Tensor:
+    """The colour code of each class, (n, 3) float32 in [-1, 1]; row k is class k."""
+    if scheme == "cfl":
+        return fibonacci_lattice(n)
+    if scheme == "gray":
+        # Note: n = 1 sits at mid-grey; otherwise black (-1) to white (+1) in equal steps.
+        v = torch.linspace(-1, 1, n) if n > 1 else torch.zeros(1)
+        return v[:, None].repeat(1, 3)
+    if scheme == "random":
+        # A fixed seed, so the same class gets the same colour in training and sampling.
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(n, 3, generator=g) * 2 - 1
+    raise ValueError(f"unknown mask scheme {scheme!r}; choose one of {SCHEMES}")
+
+
+def encode(mask: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
+    """Class ids (..., H, W) -> colour-coded mask (..., 3, H, W) in [-1, 1], float32."""
+    mask = mask.long()
+    if mask.numel() and (mask.min() < 0 or mask.max() >= n):
+        raise ValueError(f"mask holds class ids outside 0..{n - 1}")
+    codes = palette(n, scheme).to(mask.device)
+    return codes[mask].movedim(-1, -3)  # (..., H, W, 3) -> (..., 3, H, W)
+
+
+def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
+    """Colour-coded mask (..., 3, H, W) -> class ids (..., H, W), long.
+
+    cfl: the class whose lattice point has the highest cosine similarity with the pixel
+    (paper §3.4). Because every lattice point has unit norm, a pixel p_k + e still decodes
+    to k whenever |e| is below half the smallest chord between two points.
+
+    gray, random: the nearest code in Euclidean distance.
+    # Note: the paper decodes every scheme by cosine similarity, which cannot separate grey
+    # codes (v, v, v): they all point along one line, so only the sign of v survives and
+    # "all pixels map to a single class" (§5.3). Nearest-code decoding gives the ablated
+    # encodings their best chance; the comparison then measures the encoding alone.
+    """
+    codes = palette(n, scheme).to(device=x.device, dtype=x.dtype)
+    if scheme == "cfl":
+        x_unit = torch.nn.functional.normalize(x, dim=-3)  # cosine similarity = dot product of unit vectors
+        score = torch.einsum("...chw,kc->...khw", x_unit, codes)  # (..., n, H, W)
+    else:
+        # -|x - c|^2 up to the term |x|^2, which is the same for every class.
+        score = 2 * torch.einsum("...chw,kc->...khw", x, codes) - (codes * codes).sum(1)[:, None, None]
+    return score.argmax(dim=-3)
+
+
+def colorize(mask: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
+    """Class ids (..., H, W) -> uint8 RGB picture (..., H, W, 3) in the scheme's colours."""
+    rgb = ((palette(n, scheme) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return rgb.to(mask.device)[mask.long()]
