@@ -4,6 +4,7 @@ Run: python -m pytest -q test_simgen.py
 """
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,10 @@ import torch
 from PIL import Image
 
 import cfl
+import data
 import metrics
+from data import DataError, PairedFolder
+
 
 KVASIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "kvasir-seg"
 
@@ -330,3 +334,382 @@ def test_sfid_rises_when_polyp_mask_moves_off_the_polyp(model):
     assert fid_moved > 1.2 * fid_fit  # measured: 349 vs 258
     kid_fit, kid_moved = metrics.kid(real, fake)[0], metrics.kid(real, moved)[0]
     assert kid_moved > kid_fit + 0.05  # measured: 0.114 vs -0.010
+
+
+# ------------------------------------------------------------------------------------------
+# data.py: paired folders, mask kinds, geometry, splits, cache, errors, built-in dataset
+
+
+needs_kvasir = pytest.mark.skipif(not KVASIR.is_dir(), reason=f"{KVASIR} absent (real Kvasir-SEG, in ../shared)")
+
+
+@pytest.fixture(autouse=True)
+def simgen_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty cache folder."""
+    monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def kvasir_cache(tmp_path_factory):
+    """One cache for all Kvasir tests, so the 1000 pairs are decoded once per session."""
+    return tmp_path_factory.mktemp("kvasir-cache")
+
+
+def write_image(path, array_or_image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    im.save(path)
+    return path
+
+
+def make_dataset(root, masks, images=None, mask_ext="png", image_ext="png"):
+    """Dataset with the given mask arrays; images default to colour noise of the same size."""
+    rng = np.random.default_rng(0)
+    for i, mask in enumerate(masks):
+        image = rng.integers(0, 256, (*mask.shape[:2], 3), dtype=np.uint8) if images is None else images[i]
+        write_image(root / "images" / f"s{i:03d}.{image_ext}", image)
+        write_image(root / "masks" / f"s{i:03d}.{mask_ext}", mask)
+    return root
+
+
+def load_error(root, *args, **kw):
+    """The DataError message from loading root; it must be one line."""
+    with pytest.raises(DataError) as e:
+        PairedFolder(root, *args, **kw)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_missing_folder(tmp_path):
+    assert load_error(tmp_path / "nope", 8).startswith(f"{tmp_path / 'nope'}: ")
+
+
+@pytest.mark.parametrize("sub", ["images", "masks"])
+def test_missing_subfolder(tmp_path, sub):
+    make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)])
+    for p in (tmp_path / "ds" / sub).iterdir():
+        p.unlink()
+    (tmp_path / "ds" / sub).rmdir()
+    assert load_error(tmp_path / "ds", 4).startswith(f"{tmp_path / 'ds' / sub}: missing")
+
+
+def test_no_image_files(tmp_path):
+    make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)])
+    (tmp_path / "ds" / "images" / "s000.png").rename(tmp_path / "ds" / "images" / "s000.txt")
+    assert load_error(tmp_path / "ds", 4).startswith(f"{tmp_path / 'ds' / 'images'}: no jpg")
+
+
+def test_images_without_masks(tmp_path):
+    make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 5)
+    for i in (1, 3):
+        (tmp_path / "ds" / "masks" / f"s00{i}.png").unlink()
+    msg = load_error(tmp_path / "ds", 4)
+    assert msg.startswith(f"{tmp_path / 'ds' / 'masks'}: ") and "2 of 5 images" in msg and "s001, s003" in msg
+
+
+def test_masks_without_images(tmp_path):
+    make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 3)
+    (tmp_path / "ds" / "images" / "s002.png").unlink()
+    msg = load_error(tmp_path / "ds", 4)
+    assert msg.startswith(f"{tmp_path / 'ds' / 'images'}: ") and "1 of 3 masks" in msg and "s002" in msg
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated_jpg", "truncated_png"])
+def test_unreadable_or_truncated_file(tmp_path, kind):
+    ext = "jpg" if kind == "truncated_jpg" else "png"
+    root = make_dataset(tmp_path / "ds", [np.zeros((64, 64), np.uint8)] * 2, image_ext=ext)
+    bad = next((root / "images").glob("s001.*"))
+    content = bad.read_bytes()
+    bad.write_bytes(b"not an image at all" if kind == "garbage" else content[: len(content) // 2])
+    assert load_error(root, 16).startswith(f"{bad}: unreadable or truncated")
+
+
+def test_image_and_mask_sizes_differ(tmp_path):
+    root = make_dataset(tmp_path / "ds", [np.zeros((6, 8), np.uint8)], images=[np.zeros((6, 9, 3), np.uint8)])
+    msg = load_error(root, 4)
+    assert msg.startswith(f"{root / 'masks' / 's000.png'}: ") and "8x6" in msg and "9x6" in msg
+
+
+def test_unknown_colour_with_classes_json(tmp_path):
+    mask = np.zeros((4, 4, 3), np.uint8)
+    mask[0, 0] = (255, 0, 0)
+    mask[1, 1] = (0, 9, 0)  # not listed below
+    root = make_dataset(tmp_path / "ds", [np.zeros((4, 4, 3), np.uint8), mask])
+    (root / "classes.json").write_text(json.dumps({"tissue": [0, 0, 0], "tool": [255, 0, 0]}))
+    msg = load_error(root, 4)
+    assert msg.startswith(f"{root / 'masks' / 's001.png'}: ") and "[0, 9, 0]" in msg
+
+
+@pytest.mark.parametrize("spec", ["{not json", '{"a": 0, "b": [1, 2, 3]}', '{"a": 300}', '{"a": 1, "b": 1}', "[]"])
+def test_bad_classes_json(tmp_path, spec):
+    root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)])
+    (root / "classes.json").write_text(spec)
+    assert load_error(root, 4).startswith(f"{root / 'classes.json'}: ")
+
+
+def test_more_than_256_classes_in_one_file(tmp_path):
+    mask = np.zeros((15, 20, 3), np.uint8)
+    mask[..., 0], mask[..., 1] = np.divmod(np.arange(300).reshape(15, 20), 256)  # 300 colours
+    root = make_dataset(tmp_path / "ds", [mask])
+    assert load_error(root, 8).startswith(f"{root / 'masks' / 's000.png'}: 300 distinct")
+
+
+def test_more_than_256_classes_in_all(tmp_path):
+    masks = []
+    for k in range(2):  # 200 colours each, 400 together
+        mask = np.zeros((10, 20, 3), np.uint8)
+        mask[..., 0], mask[..., 1] = k, np.arange(200).reshape(10, 20)
+        masks.append(mask)
+    root = make_dataset(tmp_path / "ds", masks)
+    assert load_error(root, 8).startswith(f"{root / 'masks'}: 400 distinct")
+
+
+def test_splits_that_do_not_exist(tmp_path):
+    root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 3)
+    assert "no test split" in load_error(root, 4, "test")
+    assert "unknown split" in load_error(root, 4, "training")
+    assert "no test split" in load_error("synthetic", 8, "test")
+
+
+def test_error_raised_in_worker_pool(tmp_path):
+    """70 pairs take the multiprocessing path; a bad file must still be a DataError."""
+    root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 70)
+    (root / "masks" / "s042.png").write_bytes(b"junk")
+    assert load_error(root, 4).startswith(f"{root / 'masks' / 's042.png'}: unreadable")
+
+
+# ---------------------------------------------------------------------------- image modes
+
+def _cmyk_tif(path):
+    return write_image(path, Image.new("CMYK", (6, 5), (255, 0, 0, 0)))  # pure cyan ink
+
+
+def _palette_png(path):
+    im = Image.new("P", (6, 5), 3)
+    im.putpalette([0, 0, 0] * 3 + [40, 50, 60] + [0, 0, 0] * 252)
+    return write_image(path, im)
+
+
+@pytest.mark.parametrize("name,write,rgb", [
+    ("grey.png", lambda p: write_image(p, Image.new("L", (6, 5), 100)), (100, 100, 100)),
+    ("rgba.png", lambda p: write_image(p, Image.new("RGBA", (6, 5), (10, 20, 30, 0))), (10, 20, 30)),
+    ("palette.png", _palette_png, (40, 50, 60)),
+    ("deep.png", lambda p: write_image(p, np.full((5, 6), 65535, np.uint16)), (255, 255, 255)),
+    ("deep.tif", lambda p: write_image(p, np.full((5, 6), 25700, np.uint16)), (100, 100, 100)),  # scaled, not clipped
+    ("cmyk.tif", _cmyk_tif, (0, 255, 255)),
+])
+def test_image_modes_are_converted_to_rgb(tmp_path, name, write, rgb):
+    root = tmp_path / "ds"
+    write(root / "images" / name)
+    write_image(root / "masks" / (Path(name).stem + ".png"), np.zeros((5, 6), np.uint8))
+    d = PairedFolder(root, 4, "all")
+    assert d.images.shape == (1, 3, 4, 4) and d.images.dtype == torch.uint8
+    assert (d.images[0].permute(1, 2, 0) == torch.tensor(rgb, dtype=torch.uint8)).all()
+
+
+# ---------------------------------------------------------------------------- mask kinds
+
+def test_class_index_masks_with_stray_255(tmp_path):
+    rng = np.random.default_rng(1)
+    masks = [rng.integers(0, 3, (8, 8)).astype(np.uint8) for _ in range(3)]
+    masks[1][4, 4] = 255  # one "unlabelled" pixel
+    d = PairedFolder(make_dataset(tmp_path / "ds", masks), 8, "all")
+    assert [c["value"] for c in d.classes] == [0, 1, 2, 255] and d.num_classes == 4
+    oracle = np.stack([np.where(m == 255, 3, m) for m in masks])
+    assert np.array_equal(d.masks.numpy(), oracle)
+
+
+def test_16_bit_index_masks_keep_their_values(tmp_path):
+    mask = np.zeros((8, 8), np.uint16)
+    mask[:4] = 7
+    d = PairedFolder(make_dataset(tmp_path / "ds", [mask]), 8, "all")
+    assert [c["value"] for c in d.classes] == [0, 7] and np.array_equal(d.masks[0].numpy(), (mask == 7))
+
+
+def _colour_masks():
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255]], np.uint8)
+    rng = np.random.default_rng(2)
+    ids = [rng.integers(0, 3, (8, 8)) for _ in range(2)]
+    return [colours[i] for i in ids], ids
+
+
+def test_rgb_colour_masks_without_classes_json(tmp_path):
+    masks, ids = _colour_masks()
+    d = PairedFolder(make_dataset(tmp_path / "ds", masks), 8, "all")
+    # oracle: classes are the colours in sorted (r, g, b) order
+    assert [c["value"] for c in d.classes] == [[0, 0, 0], [0, 0, 255], [255, 0, 0]]
+    assert d.classes[0]["name"] == "background"
+    remap = np.array([0, 2, 1])  # file colour index -> sorted position
+    assert np.array_equal(d.masks.numpy(), np.stack([remap[i] for i in ids]))
+
+
+def test_rgb_colour_masks_with_classes_json(tmp_path):
+    masks, ids = _colour_masks()
+    root = make_dataset(tmp_path / "ds", masks)
+    spec = {"tissue": [0, 0, 0], "tool": [255, 0, 0], "unused": [9, 9, 9], "organ": [0, 0, 255]}
+    (root / "classes.json").write_text(json.dumps(spec))
+    d = PairedFolder(root, 8, "all")
+    assert [(c["id"], c["name"], c["value"]) for c in d.classes] == [(i, n, v) for i, (n, v) in enumerate(spec.items())]
+    remap = np.array([0, 1, 3])  # json order; "unused" still takes id 2
+    assert np.array_equal(d.masks.numpy(), np.stack([remap[i] for i in ids]))
+
+
+def test_lossy_jpeg_masks_are_thresholded(tmp_path):
+    # uniform 8 x 8 JPEG blocks decode exactly here, so levels next to 128 test the threshold itself
+    levels = np.array([0, 120, 136, 255, 128, 127, 129, 200], np.uint8)
+    mask = np.kron(np.stack([np.roll(levels, k) for k in range(8)]), np.ones((8, 8), np.uint8))  # (64, 64)
+    root = make_dataset(tmp_path / "ds", [mask], mask_ext="jpg", image_ext="jpg")
+    d = PairedFolder(root, 64, "all")
+    assert [c["value"] for c in d.classes] == [0, 255]
+    assert np.array_equal(d.masks[0].numpy(), mask >= 128)
+    empty = make_dataset(tmp_path / "empty", [np.zeros((8, 8), np.uint8)], mask_ext="jpg")
+    assert [c["value"] for c in PairedFolder(empty, 8, "all").classes] == [0, 255]  # binary, even with no foreground
+
+
+@pytest.mark.parametrize("kind", ["grey", "colour"])
+def test_mask_to_values_round_trip(tmp_path, kind):
+    rng = np.random.default_rng(3)
+    values = {"grey": [0, 1, 2, 255], "colour": [[0, 0, 0], [9, 200, 3], [255, 255, 255]]}[kind]
+    values = np.array(values, np.uint8)
+    masks = [values[rng.integers(0, len(values), (8, 8))] for _ in range(3)]
+    d = PairedFolder(make_dataset(tmp_path / "ds", masks), 8, "all")
+    out = [data.mask_to_values(m, d.classes) for m in d.masks]
+    assert all(o.dtype == np.uint8 and np.array_equal(o, m) for o, m in zip(out, masks))
+    again = PairedFolder(make_dataset(tmp_path / "again", out), 8, "all")  # written back, read again
+    assert again.classes == d.classes and torch.equal(again.masks, d.masks)
+
+
+# ---------------------------------------------------------------------------- geometry, flips, items
+
+@pytest.mark.parametrize("w,h", [(60, 40), (40, 60)])
+def test_same_geometry_for_image_and_mask(tmp_path, w, h):
+    """A square in a non-square picture: shorter side 40 -> 20 halves it, the crop takes the middle 20."""
+    x0, y0 = (20, 10) if w > h else (10, 20)  # the square is 20 x 20 at full size
+    mask = np.zeros((h, w), np.uint8)
+    mask[y0:y0 + 20, x0:x0 + 20] = 1
+    d = PairedFolder(make_dataset(tmp_path / "ds", [mask], images=[np.repeat(mask[..., None] * 255, 3, -1)]), 20, "all")
+    expected = np.zeros((20, 20), np.uint8)
+    expected[5:15, 5:15] = 1  # halved to (x0/2, y0/2), minus the 5-pixel crop on the long side
+    assert np.array_equal(d.masks[0].numpy(), expected)
+    assert np.array_equal((d.images[0].float().mean(0) > 127.5).numpy(), expected.astype(bool))
+
+
+@pytest.mark.parametrize("w,h,size", [(61, 43, 16), (43, 61, 16), (50, 37, 37), (30, 30, 70)])
+def test_mask_resize_matches_pil_nearest(tmp_path, w, h, size):
+    """Odd sizes and scales (up and down): the mask must sample the pixels PIL's NEAREST samples."""
+    mask = np.random.default_rng(5).integers(0, 10, (h, w)).astype(np.uint8)
+    d = PairedFolder(make_dataset(tmp_path / "ds", [mask]), size, "all")
+    nw, nh = (round(w * size / h), size) if w > h else (size, round(h * size / w))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    oracle = Image.fromarray(mask).resize((nw, nh), Image.NEAREST).crop((left, top, left + size, top + size))
+    oracle = np.asarray(oracle)
+    assert np.array_equal(d.masks[0].numpy(), oracle)  # all 10 values occur, so ids equal values
+
+
+def test_flip_is_the_same_for_image_and_mask():
+    x = torch.arange(5, dtype=torch.uint8)
+    images, masks = x.expand(16, 3, 4, 5).clone(), x.expand(16, 4, 5).clone()
+    fi, fm = data.flip(images, masks, torch.Generator().manual_seed(0))
+    flipped = fi[:, 0, 0, 0] == 4
+    assert 0 < flipped.sum() < 16
+    assert torch.equal(fi[:, :, :, :], torch.where(flipped[:, None, None, None], images.flip(-1), images))
+    assert torch.equal(fm, torch.where(flipped[:, None, None], masks.flip(-1), masks))
+    again, _ = data.flip(images, masks, torch.Generator().manual_seed(0))
+    assert torch.equal(again, fi) and data.flip(images.float(), masks)[0].dtype == torch.float32
+
+
+def test_items_are_float_images_and_long_masks(tmp_path):
+    masks = [np.eye(4, dtype=np.uint8)]
+    d = PairedFolder(make_dataset(tmp_path / "ds", masks, images=[np.full((4, 4, 3), 255, np.uint8)]), 4, "all")
+    image, mask = d[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 4, 4) and (image == 1).all()
+    assert mask.dtype == torch.long and torch.equal(mask, torch.eye(4, dtype=torch.long)) and len(d) == 1
+
+
+# ---------------------------------------------------------------------------- splits
+
+def test_split_by_sorted_stem(tmp_path):
+    root = make_dataset(tmp_path / "ds", [np.full((4, 4), i, np.uint8) for i in range(10)])
+    train, val, everything = (PairedFolder(root, 4, s) for s in ("train", "val", "all"))
+    assert val.stems == ["s009"] and train.stems == [f"s{i:03d}" for i in range(9)] and len(everything) == 10
+    assert train.classes == val.classes and val.masks[0].max() == 9  # classes come from all splits
+
+
+def test_split_files(tmp_path):
+    root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 5)
+    (root / "train.txt").write_text("s000\ns003\n\ns004\n")
+    (root / "test.txt").write_text("s001\n")
+    assert PairedFolder(root, 4, "train").stems == ["s000", "s003", "s004"]
+    assert PairedFolder(root, 4, "test").stems == ["s001"]
+    assert load_error(root, 4, "val").startswith(f"{root / 'val.txt'}: missing")
+    (root / "val.txt").write_text("s002\nghost\n")
+    msg = load_error(root, 4, "val")
+    assert msg.startswith(f"{root / 'val.txt'}: 1 stems") and "ghost" in msg
+
+
+@needs_kvasir
+def test_kvasir_split_880_120(monkeypatch, kvasir_cache):
+    monkeypatch.setenv("SIMGEN_CACHE", str(kvasir_cache))
+    train, val = PairedFolder(KVASIR, 32, "train"), PairedFolder(KVASIR, 32, "val")
+    stems = sorted(p.stem for p in (KVASIR / "images").iterdir())
+    assert (len(train), len(val)) == (880, 120) and val.stems == stems[880:] and train.stems == stems[:880]
+    assert [c["value"] for c in train.classes] == [0, 255] and train.images.shape == (880, 3, 32, 32)
+    assert 0.05 < val.masks.float().mean() < 0.4  # polyps cover part of each picture
+
+
+# ---------------------------------------------------------------------------- cache
+
+def test_cache_hit_returns_identical_tensors(tmp_path, simgen_cache, monkeypatch):
+    rng = np.random.default_rng(4)
+    root = make_dataset(tmp_path / "ds", [rng.integers(0, 3, (9, 7)).astype(np.uint8) for _ in range(4)])
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    first = PairedFolder(root, 6, "all")
+    assert len(list(simgen_cache.glob("*.pt"))) == 1 and sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+    def no_decoding(job):
+        raise AssertionError("decoded again")
+    monkeypatch.setattr(data, "_decode_pair", no_decoding)
+    second = PairedFolder(root, 6, "all")
+    assert torch.equal(first.images, second.images) and torch.equal(first.masks, second.masks)
+    assert first.classes == second.classes and first.stems == second.stems
+
+
+def test_changed_file_and_corrupt_cache_are_rebuilt(tmp_path, simgen_cache):
+    root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 2)
+    assert PairedFolder(root, 4, "all").num_classes == 1
+    write_image(root / "masks" / "s001.png", np.eye(4, dtype=np.uint8) * 5)  # new content, new size/mtime
+    assert PairedFolder(root, 4, "all").num_classes == 2 and len(list(simgen_cache.glob("*.pt"))) == 1  # stale one gone
+    for p in simgen_cache.glob("*.pt"):
+        p.write_bytes(b"garbage")
+    d = PairedFolder(root, 4, "all")
+    assert np.array_equal(d.masks[1].numpy(), np.eye(4)) and not list(simgen_cache.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------- synthetic data
+
+def test_synthetic_is_deterministic():
+    a = PairedFolder("synthetic", 32, "all")
+    image, mask = data.synthetic_pair(123, 32)
+    assert np.array_equal(a.images[123].permute(1, 2, 0).numpy(), image)
+    assert np.array_equal(a.masks[123].numpy(), mask)
+    train, val = PairedFolder("synthetic", 32, "train"), PairedFolder("synthetic", 32, "val")
+    assert (len(a), len(train), len(val)) == (1000, 880, 120) and torch.equal(val.images, a.images[880:])
+    assert [c["name"] for c in a.classes] == list(data.SYNTHETIC_CLASSES)
+    assert data.SYNTHETIC_CLASSES == ("tissue", "organ", "fat", "tool_shaft", "tool_tip")
+    assert [c["value"] for c in a.classes] == list(range(5))
+    assert torch.bincount(a.masks.flatten().long(), minlength=5).min() > 0  # every class occurs
+    # the scene does not depend on the size: the 64 x 64 mask, subsampled, mostly equals the 32 x 32 one
+    assert (data.synthetic_pair(123, 64)[1][1::2, 1::2] == mask).mean() > 0.9
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_alignment_score_real_vs_shuffled(size):
+    d = PairedFolder("synthetic", size, "val")
+    real = data.alignment_score(d.images, d.masks)
+    shuffled = data.alignment_score(d.images, d.masks.roll(1, 0))
+    assert real > 0.9 and shuffled < 0.7 and real - shuffled > 0.3
+    as_float = data.alignment_score(d.images.float() / 127.5 - 1, d.masks)
+    assert abs(as_float - real) < 1e-3
