@@ -6,6 +6,9 @@ Run: python -m pytest -q test_simgen.py
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from PIL import Image
 import cfl
 import data
 import metrics
+import simgen
 from data import DataError, PairedFolder
 
 
@@ -713,3 +717,273 @@ def test_alignment_score_real_vs_shuffled(size):
     assert real > 0.9 and shuffled < 0.7 and real - shuffled > 0.3
     as_float = data.alignment_score(d.images.float() / 127.5 - 1, d.masks)
     assert abs(as_float - real) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# simgen.py: the ResUNet, DDPM maths against float64 oracles, train, resume, DDP, sample
+
+
+TINY = simgen.replace(simgen.Config(), **simgen.PRESETS["tiny"])
+
+
+def tiny(**kw):
+    return simgen.replace(TINY, **kw)
+
+
+def state_tensors(ckpt):
+    """Every tensor of a checkpoint, flattened to {name: tensor}."""
+    out = {}
+    for part in ("model", "ema"):
+        out.update({f"{part}.{k}": v for k, v in ckpt[part].items()})
+    for i, s in ckpt["optimizer"]["state"].items():
+        out.update({f"opt.{i}.{k}": v for k, v in s.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_paper_config_has_62_7M_parameters():
+    with torch.device("meta"):  # no memory, no init cost
+        model = simgen.ResUNet(simgen.Config())
+    n = sum(p.numel() for p in model.parameters())
+    assert round(n / 1e6, 1) == 62.7, n  # §4.2: "The 62.7M parameter SimGen model"
+
+
+def test_resunet_shapes_and_segmentation_variant():
+    x, t = torch.randn(2, 6, 16, 16), torch.tensor([0, 49])
+    assert simgen.ResUNet(TINY)(x, t).shape == (2, 6, 16, 16)
+    seg = simgen.ResUNet(TINY, in_channels=3, out_channels=5, time_embedding=False)
+    assert seg(x[:, :3]).shape == (2, 5, 16, 16)
+    assert not any("time" in name for name, _ in seg.named_parameters())
+
+
+def test_resunet_sees_the_mean_colour_of_its_input():
+    # GroupNorm with one channel per group (InstanceNorm) makes the output blind to a colour shift
+    # of the input, away from the borders: the generated images then drift in colour.
+    torch.manual_seed(0)
+    model = simgen.ResUNet(simgen.replace(TINY, image_size=32)).eval()
+    torch.nn.init.normal_(model.out[-1].weight, std=0.1)
+    x, t = torch.randn(2, 6, 32, 32), torch.tensor([10, 40])
+    shift = torch.tensor([0.5, -0.5, 0.3, 0, 0, 0]).view(1, 6, 1, 1)
+    with torch.no_grad():
+        a, b = model(x, t)[..., 8:24, 8:24], model(x + shift, t)[..., 8:24, 8:24]
+    assert (b - a).mean((2, 3)).abs().mean() > 0.02 * a.std()
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_buffers_match_ddpm_eq_4_to_7_in_float64(schedule):
+    T = 250
+    d = simgen.GaussianDiffusion(T, schedule)
+    if schedule == "linear":  # 1e-4..0.02 at T = 1000, scaled by 1000 / T
+        betas = [0.1 / T + (20 / T - 0.1 / T) * i / (T - 1) for i in range(T)]
+    else:  # Improved DDPM Eq. 17, alpha_bar from the cosine directly, betas from its ratios
+        f = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]
+        betas = [min(1 - f[i + 1] / f[i], 0.999) for i in range(T)]
+    abar, prod = [], 1.0
+    for b in betas:  # cumulative product by a loop
+        prod *= 1 - b
+        abar.append(prod)
+    abar_prev = [1.0] + abar[:-1]
+    expect = {
+        "betas": betas,
+        "alphas_cumprod": abar,
+        "alphas_cumprod_prev": abar_prev,
+        "sqrt_alphas_cumprod": [math.sqrt(a) for a in abar],  # Eq. 4 mean
+        "sqrt_one_minus_alphas_cumprod": [math.sqrt(1 - a) for a in abar],  # Eq. 4 std
+        "sqrt_recip_alphas_cumprod": [1 / math.sqrt(a) for a in abar],
+        "sqrt_recipm1_alphas_cumprod": [math.sqrt((1 - a) / a) for a in abar],
+        "posterior_variance": [(1 - ap) / (1 - a) * b for a, ap, b in zip(abar, abar_prev, betas)],  # Eq. 7
+        "posterior_mean_coef1": [math.sqrt(ap) * b / (1 - a) for a, ap, b in zip(abar, abar_prev, betas)],  # Eq. 7
+        "posterior_mean_coef2": [math.sqrt(1 - b) * (1 - ap) / (1 - a) for a, ap, b in zip(abar, abar_prev, betas)],
+    }
+    pv = expect["posterior_variance"]
+    expect["posterior_log_variance_clipped"] = [math.log(pv[1])] + [math.log(v) for v in pv[1:]]
+    for name, values in expect.items():
+        got = getattr(d, name)
+        assert got.dtype == torch.float32 and got.shape == (T,), name
+        torch.testing.assert_close(got.double(), torch.tensor(values, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    assert d.sqrt_alphas_cumprod[-1] < 0.01  # x_T is (almost) pure noise with T = 250
+
+
+def test_q_sample_has_the_moments_of_eq_4():
+    d = simgen.GaussianDiffusion(250)
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    g = torch.Generator().manual_seed(0)
+    for step in (0, 60, 249):
+        t = torch.full((len(x0),), step)
+        xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        abar = d.alphas_cumprod[step].item()
+        assert abs(xt.mean().item() - math.sqrt(abar) * 0.7) < 0.02
+        assert abs(xt.var().item() - (1 - abar)) < 0.03
+
+
+def test_unclipped_mean_is_eq_11_and_ddim_T_steps_eta_1_is_ddpm():
+    torch.manual_seed(0)
+    model = simgen.ResUNet(TINY).eval()
+    torch.nn.init.normal_(model.out[-1].weight, std=0.02)  # not the zero init: eps must vary
+    d = simgen.GaussianDiffusion(TINY.timesteps)
+    x, t = torch.randn(3, 6, 16, 16), torch.tensor([0, 17, 49])
+    with torch.no_grad():
+        eps = model(x, t)
+        mean = d.p_mean_variance(model, x, t, clip_denoised=False)["mean"]
+    beta, abar = d.betas[t].view(-1, 1, 1, 1), d.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eq11 = (x - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()
+    torch.testing.assert_close(mean, eq11, rtol=1e-4, atol=1e-4)
+    shape = (2, 6, 16, 16)
+    ddpm = d.p_sample_loop(model, shape, generator=torch.Generator().manual_seed(3))
+    ddim = d.ddim_sample_loop(model, shape, steps=TINY.timesteps, eta=1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-3, atol=1e-3)
+    assert ddpm.abs().max() <= 1.1  # x_0 clipped to [-1, 1]; the last step adds no noise
+
+
+def test_one_step_is_finite_and_loss_falls():
+    ds = data.PairedFolder("synthetic", 16, "train")
+    x = torch.cat([ds.images[:8].float() / 127.5 - 1, cfl.encode(ds.masks[:8].long(), 5)], 1)
+    torch.manual_seed(0)
+    model, d = simgen.ResUNet(TINY), simgen.GaussianDiffusion(TINY.timesteps)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        g = torch.Generator().manual_seed(step)
+        t, noise = torch.randint(TINY.timesteps, (8,), generator=g), torch.randn(x.shape, generator=g)
+        loss = d.training_losses(model, x, t, noise)["loss"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert math.isfinite(losses[0]) and abs(losses[0] - 1) < 0.1  # zero-init output: eps_theta = 0
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+
+
+# ----------------------------------------------------------------------------- train
+
+def test_resume_gives_bitwise_the_same_weights(tmp_path):
+    straight = torch.load(simgen.train(tiny(steps=6, ckpt_every=100), tmp_path / "a"), weights_only=True)
+    simgen.train(tiny(steps=3, ckpt_every=100), tmp_path / "b")  # as if killed after step 3
+    resumed = torch.load(simgen.train(tiny(steps=6, ckpt_every=100), tmp_path / "b", explicit={"steps"}),
+                         weights_only=True)
+    assert straight["step"] == resumed["step"] == 6
+    a, b = state_tensors(straight), state_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("_orig_mod." in k for k in a)  # the uncompiled module's names
+    assert set(straight) == {"model", "ema", "optimizer", "step", "config", "classes", "version"}
+    assert simgen.Config(**straight["config"]) == tiny(steps=6, ckpt_every=100)
+    assert straight["classes"][4] == {"id": 4, "name": "tool_tip", "value": 4}
+    assert (tmp_path / "a" / "log.csv").read_text().startswith("step,loss,images_per_s,seconds\n")
+    assert (tmp_path / "a" / "grid_0000006.png").exists()
+    # A conflicting model or data setting is refused in one line; the checkpoint is untouched.
+    with pytest.raises(data.DataError, match="trained with base_channels=8, not 16"):
+        simgen.train(tiny(steps=8, base_channels=16), tmp_path / "b", explicit={"steps", "base_channels"})
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_non_finite_loss_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    real, calls = simgen.GaussianDiffusion.training_losses, []
+
+    def poisoned(self, model, x, t, noise=None):  # finite for 4 steps, then NaN
+        calls.append(1)
+        out = real(self, model, x, t, noise)
+        return out if len(calls) <= 4 else dict(loss=out["loss"] * float("nan"))
+
+    monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", poisoned)
+    with pytest.raises(SystemExit) as e:
+        simgen.main(["train", "synthetic", "--preset", "tiny", "--ckpt-every", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("error: ") and "loss is nan" in err
+    assert "(step 4) is kept" in err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_cli_flags_cover_every_config_field():
+    # Oracle: a config differing from the defaults in every field, written back as flags.
+    want = simgen.replace(TINY, lr=0.5, schedule="cosine", mask_scheme="gray", amp=False, compile=False,
+                          channels_last=False, channel_mults=(1, 2, 2), grad_clip=2.0, seed=3, data="x")
+    argv = ["train", "x"]
+    for f in simgen.fields(simgen.Config):
+        flag, v = "--" + f.name.replace("_", "-"), getattr(want, f.name)
+        if f.name != "data":
+            argv += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [
+                flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+    cfg, chosen, out = simgen.train_config(simgen.build_parser().parse_args(argv))
+    assert cfg == want and out == Path("runs/x-paper")
+    cfg, chosen, out = simgen.train_config(simgen.build_parser().parse_args(["train", "x", "--preset", "tiny"]))
+    assert cfg == simgen.replace(TINY, data="x") and chosen == set(simgen.PRESETS["tiny"]) | {"data"}
+
+
+def test_two_process_ddp_with_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "simgen.py", "train", "synthetic", "--preset", "tiny", "--steps", "3", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert run.stdout.count("0.1M parameters; 2 x cpu") == 1  # rank 0 alone logs
+
+
+# ----------------------------------------------------------------------------- sample
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return simgen.train(tiny(steps=4), tmp_path_factory.mktemp("run"))
+
+
+def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_path):
+    out = simgen.sample(tiny_ckpt, tmp_path / "s", n=5, ddim_steps=5, seed=1, batch_size=3)
+    back = data.PairedFolder(out, 16, "all")
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    assert len(back) == 5 and back.classes == ckpt["classes"]  # the dataset's own values, same ids
+    # Oracle: the first batch regenerated directly; PNG is lossless and 16 px needs no resizing.
+    cfg = simgen.Config(**ckpt["config"])
+    model = simgen.ResUNet(cfg).eval()
+    model.load_state_dict(ckpt["ema"])
+    images, masks = simgen.generate(model, simgen.GaussianDiffusion(cfg.timesteps), cfg, 5, 3,
+                                    simgen.make_generator("cpu", 2, 1, 0), torch.device("cpu"), 5)
+    assert torch.equal(back.images[:3], images) and torch.equal(back.masks[:3].long(), masks)
+    boxes = json.loads((out / "boxes.json").read_text())
+    assert sorted(boxes) == ["00000", "00001", "00002", "00003", "00004"]
+    names = [c["name"] for c in ckpt["classes"]]
+    assert boxes["00000"] == {names[c]: b for c, b in simgen.connected_boxes(masks[0]).items()}
+    assert len(list((out / "masks_color").glob("*.png"))) == 5 and (out / "grid.png").exists()
+
+
+def test_sample_is_deterministic_and_never_overwrites(tiny_ckpt, tmp_path, capsys):
+    for name in ("a", "b"):
+        simgen.main(["sample", str(tiny_ckpt), "--out", str(tmp_path / name), "--n", "3", "--seed", "7"])
+    for sub in ("images", "masks"):
+        for p in (tmp_path / "a" / sub).iterdir():
+            assert p.read_bytes() == (tmp_path / "b" / sub / p.name).read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        simgen.main(["sample", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--n", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err == f"error: {tmp_path / 'a'}: not empty; pass --force to overwrite it\n"
+    simgen.main(["sample", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--n", "2", "--force"])
+    assert len(list((tmp_path / "a" / "images").iterdir())) == 2  # no stale pairs left
+
+
+def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    for path, message in ((tmp_path / "missing.pt", "checkpoint not found"), (bad, "not a readable checkpoint")):
+        with pytest.raises(SystemExit):
+            simgen.main(["sample", str(path), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
+
+
+def test_connected_boxes_on_a_hand_made_mask():
+    m = np.zeros((6, 8), np.int64)
+    m[0:2, 0:2] = 1  # a square
+    m[2, 2] = 1  # touches the square only diagonally: a region of its own under 4-connectivity
+    m[4:6, 1:7] = 2  # an L shape with a vertical arm
+    m[3, 6] = 2
+    m[0:3, 5:8] = 1  # a second class-1 region, which also cuts off the background's corner x = 7, y = 3..5
+    boxes = simgen.connected_boxes(torch.from_numpy(m))
+    assert boxes == {0: [[0, 0, 5, 5], [7, 3, 7, 5]], 1: [[0, 0, 1, 1], [5, 0, 7, 2], [2, 2, 2, 2]], 2: [[1, 3, 6, 5]]}
+    spiral = np.ones((9, 9), np.int64)  # one long snake-shaped region: labels must travel far
+    spiral[1:8:2, 1:8] = 0
+    spiral[1:8:4, 8], spiral[3:8:4, 0] = 0, 0
+    assert len(simgen.connected_boxes(spiral)[1]) == 1
