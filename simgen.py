@@ -1023,6 +1023,17 @@ def bench(config=None, repeats=None, json_path=None):
 
 # ----------------------------------------------------------------------------- command line
 
+def add_config_flags(parser, defaults, keep_defaults=False):
+    """A flag per Config field (--image-size 64, --channel-mults 1,2,4, --no-amp); unset: None unless keep_defaults."""
+    for name, default in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = (lambda s: tuple(int(v) for v in s.split(","))) if isinstance(default, tuple) else type(default)
+            parser.add_argument(flag, type=kind, default=default if keep_defaults else None, help=f"default {default}")
+
+
 def build_parser():
     """The commands; train gets one flag per Config field, segment one per SEGMENT field."""
     parser = argparse.ArgumentParser(prog="simgen.py", description=__doc__.split("\n")[0])
@@ -1031,16 +1042,7 @@ def build_parser():
     p.add_argument("data", nargs="?", help="dataset folder or 'synthetic' (default: synthetic with --preset demo)")
     p.add_argument("--out", help="run folder (default runs/<data>-<preset>); rerun to resume")
     p.add_argument("--preset", choices=PRESETS, help="tiny (tests), demo (CPU, minutes), paper (default)")
-    for f in fields(Config):  # every field is a flag: --image-size 64, --channel-mults 1,2,4, --no-amp
-        if f.name == "data":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif isinstance(f.default, tuple):
-            p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), help=f"default {f.default}")
-        else:
-            p.add_argument(flag, type=type(f.default), help=f"default {f.default}")
+    add_config_flags(p, {f.name: f.default for f in fields(Config) if f.name != "data"})  # None: not chosen
     s = commands.add_parser("sample", help="generate image-mask pairs from a checkpoint")
     s.add_argument("ckpt")
     s.add_argument("--out", help="output folder (default samples/<run folder name>)")
@@ -1066,9 +1068,7 @@ def build_parser():
     g.add_argument("--real-fraction", type=float, default=1.0, help="fraction of the first TRAIN folder used")
     g.add_argument("--out", help="folder for segment.pt")
     g.add_argument("--json", help="write the IoU table here")
-    for name, default in {**SEGMENT, "seed": 0}.items():  # --channel-mults 1,2,4 as for train
-        kind = (lambda s: tuple(int(v) for v in s.split(","))) if isinstance(default, tuple) else type(default)
-        g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"default {default}")
+    add_config_flags(g, {**SEGMENT, "seed": 0}, keep_defaults=True)
     b = commands.add_parser("bench", help="speed of training, sampling, FID features and data loading here")
     b.add_argument("--json", help="also write every number here")
     b.add_argument("--config", choices=BENCH_CONFIGS, help="paper (CUDA default), small (CPU default), tiny (tests)")
