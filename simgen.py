@@ -550,11 +550,11 @@ def train(cfg, out, explicit=()):
         start = ckpt["step"]
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     cuda = device.type == "cuda"
-    channels_last = cuda and cfg.channels_last  # amp, compile and channels_last are CUDA-only: a CPU runs fp32 eager
+    # amp, compile and channels_last are CUDA-only: a CPU runs fp32 eager
     speedups = [k for k, on in (("bf16", cfg.amp), ("compile", cfg.compile), ("channels_last", cfg.channels_last)) if on]
     log(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters; {world} x {device.type}, "
         f"{', '.join(speedups) if cuda and speedups else 'fp32 eager'}")
-    if channels_last:  # the EMA too: update_ema's fused kernel needs both lists in one memory layout
+    if cuda and cfg.channels_last:  # the EMA too: update_ema's fused kernel needs one memory layout
         raw, ema = raw.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
     model, params, ema_params = raw, list(raw.parameters()), list(ema.parameters())
     # Resumed Adam moments in their weight's memory layout: the fused update wants one layout, and
@@ -587,19 +587,18 @@ def train(cfg, out, explicit=()):
         return pairs
 
     t0 = last = time.time()
-    loss_sum, n_loss, last_step, saved, pairs = torch.zeros((), device=device), 0, start, start, None
+    loss_sum, last_step, saved, pairs = torch.zeros((), device=device), start, start, None
     raw.train()
     for step in range(start, cfg.steps):
         x, t, noise = training_batch(images, masks, codes, cfg, step, rank, world)
         loss_sum += train_step(model, params, opt, diffusion, x, t, noise, cfg)
         # EMA with warmup, so early samples are not dominated by the random init
         update_ema(ema_params, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        n_loss += 1
 
         done = step + 1
         checkpoint = done % cfg.ckpt_every == 0 or done == cfg.steps
         if checkpoint or time.time() - last >= cfg.log_seconds:
-            mean = (loss_sum / n_loss).item()  # the only host sync: every few seconds
+            mean = (loss_sum / (done - last_step)).item()  # the only host sync: every few seconds
             if not math.isfinite(mean):
                 kept = f"{ckpt_path} (step {saved}) is kept" if saved else "no checkpoint was written"
                 raise FloatingPointError(f"{out}: loss is {mean} near step {done}; stopped, {kept}")
@@ -611,7 +610,7 @@ def train(cfg, out, explicit=()):
                 with open(csv, "a") as f:
                     f.write(f"{done},{mean:.6f},{rate:.2f},{now - t0:.1f}\n")
             loss_sum.zero_()
-            n_loss, last, last_step = 0, now, done
+            last, last_step = now, done
         if checkpoint and rank == 0:
             pairs, saved = save(done), done
     if rank == 0:
@@ -678,6 +677,10 @@ def sample(ckpt_path, out, n=16, ddim_steps=0, seed=0, batch_size=16, force=Fals
 
 
 # ----------------------------------------------------------------------------- evaluate
+
+def fmt(v, digits):  # a score in eval's and segment's tables; "-": nothing to score
+    return "-" if v is None else f"{v:.{digits}f}"
+
 
 def class_map(classes, target, where):
     """Lookup table from the class ids of `classes` to the ids in `target` of the same dataset value.
@@ -758,17 +761,16 @@ def evaluate(real, fake, image_size=None, real_split="all", fake_split="all", ba
     for row in scores["per_class"]:
         row.update(name=real_ds.classes[row["class"]]["name"], value=real_ds.classes[row["class"]]["value"])
 
-    f = lambda v, digits: "-" if v is None else f"{v:.{digits}f}"
     print(f"FID  {scores['fid']:.2f}  ({scores['n_real']} real, {scores['n_fake']} fake images at {size}x{size}, "
           f"{time.time() - start:.0f}s)")
     print(f"KID  {scores['kid']:.4f} ± {scores['kid_std']:.4f}  (subsets of {scores['kid_subset_size']})")
     scored = sum(r["fid"] is not None for r in scores["per_class"])
-    print(f"sFID {f(scores['sfid'], 2)}  sKID {f(scores['skid'], 4)}  (mean over the {scored} classes with "
+    print(f"sFID {fmt(scores['sfid'], 2)}  sKID {fmt(scores['skid'], 4)}  (mean over the {scored} classes with "
           f">= 2 regions of >= {metrics.MIN_REGION_PIXELS} pixels in both sets)")
     print(f"{'class':<20}{'value':>16}{'n_real':>8}{'n_fake':>8}{'FID':>10}{'KID':>10}")
     for r in scores["per_class"]:
         print(f"{r['name']:<20}{str(r['value']):>16}{r['n_real']:>8}{r['n_fake']:>8}"
-              f"{f(r['fid'], 2):>10}{f(r['kid'], 4):>10}")
+              f"{fmt(r['fid'], 2):>10}{fmt(r['kid'], 4):>10}")
     if min(scores["n_real"], scores["n_fake"]) < 2048:
         print("warning: fewer than 2048 images in a set: FID is biased upwards there; compare sets of equal size")
     if real == "synthetic":  # the built-in set's colours tell each pixel's class from the image alone
@@ -876,8 +878,8 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
     per_class, mean = iou(pred, test.masks, test.num_classes)
     print(f"{'class':<20}{'value':>16}{'IoU':>8}   ({len(test)} pairs of {test_root} [{test_split}])")
     for c, v in zip(test.classes, per_class):
-        print(f"{c['name']:<20}{str(c['value']):>16}{'-' if v is None else f'{v:.3f}':>8}")
-    print(f"mean IoU {'-' if mean is None else f'{mean:.3f}'} over the classes in prediction or truth "
+        print(f"{c['name']:<20}{str(c['value']):>16}{fmt(v, 3):>8}")
+    print(f"mean IoU {fmt(mean, 3)} over the classes in prediction or truth "
           f"({time.time() - start:.0f}s)")
     if ckpt_path:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
