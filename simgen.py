@@ -149,16 +149,15 @@ class ResUNet(nn.Module):
         self.base, t_dim = widths[0], 4 * widths[0] if time_embedding else 0  # Note: DDPM's 4x width for t
         self.time_mlp = nn.Sequential(nn.Linear(self.base, t_dim), nn.GELU(), nn.Linear(t_dim, t_dim)) if t_dim else None
         self.init = nn.Conv2d(in_channels, self.base, 3, padding=1)
-        self.enc = nn.ModuleList(nn.ModuleList([ConvBlock(c, c, t_dim), ConvBlock(c, c, t_dim)]) for c in widths)
+        blocks = lambda c_in, c: nn.ModuleList([ConvBlock(c_in, c, t_dim), ConvBlock(c, c, t_dim)])  # two per level
+        self.enc = nn.ModuleList(blocks(c, c) for c in widths)
         # Note: 4x4 stride-2 convolutions down and transposed convolutions up (DCGAN-style, no overlap artefacts).
         self.down = nn.ModuleList(nn.Conv2d(c, b, 4, stride=2, padding=1) for c, b in zip(widths, below))
-        self.mid = nn.ModuleList([ConvBlock(below[-1], below[-1], t_dim), ConvBlock(below[-1], below[-1], t_dim)])
+        self.mid = blocks(below[-1], below[-1])
         self.up = nn.ModuleList(nn.ConvTranspose2d(b, c, 4, stride=2, padding=1) for c, b in zip(widths, below))
         # Note: both ConvBlock outputs of a level are concatenated with the upsampled features in the
         # first decoder block of that level (and the initial conv's at full resolution, as §3.3 says).
-        self.dec = nn.ModuleList(
-            nn.ModuleList([ConvBlock(3 * c + (self.base if i == 0 else 0), c, t_dim), ConvBlock(c, c, t_dim)])
-            for i, c in enumerate(widths))
+        self.dec = nn.ModuleList(blocks(3 * c + (self.base if i == 0 else 0), c) for i, c in enumerate(widths))
         self.out = nn.Sequential(norm(self.base), nn.GELU(), nn.Conv2d(self.base, out_channels, 3, padding=1))
         # Note: the last conv starts at zero (improved-diffusion): eps_theta = 0 at first, loss 1.
         nn.init.zeros_(self.out[-1].weight)
