@@ -846,7 +846,7 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
     print(f"segmentation ResUNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{len(images)} training pairs at {cfg.image_size}x{cfg.image_size}; {device.type}")
     start = last = time.time()
-    loss_sum, n_loss = torch.zeros((), device=device), 0
+    loss_sum, last_step = torch.zeros((), device=device), 0
     for step in range(cfg.steps):
         g = make_generator(device, 0, cfg.seed, step)  # batch and flips from (seed, step), as in train
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g, device=device)
@@ -860,14 +860,13 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
-        n_loss += 1
         if step + 1 == cfg.steps or time.time() - last >= cfg.log_seconds:
-            mean = (loss_sum / n_loss).item()  # the only host sync: every few seconds
+            mean = (loss_sum / (step + 1 - last_step)).item()  # the only host sync: every few seconds
             if not math.isfinite(mean):
                 raise FloatingPointError(f"segment: loss is {mean} near step {step + 1}; try a lower --lr")
             print(f"step {step + 1}/{cfg.steps}  loss {mean:.4f}  {time.time() - start:.0f}s", flush=True)
             loss_sum.zero_()
-            n_loss, last = 0, time.time()
+            last, last_step = time.time(), step + 1
 
     model.eval()
     # Note: IoU of the test masks at S x S, resized and cropped as the images are, not at each file's size.
@@ -1101,17 +1100,16 @@ def main(argv=None):
             sample(args.ckpt, out, args.n, args.ddim_steps, args.seed, args.batch_size, args.force)
         elif args.command == "bench":
             bench(args.config, args.repeats, args.json)
-        elif args.command in ("eval", "segment"):
-            if args.command == "eval":
-                result = evaluate(args.real, args.fake, args.image_size, args.real_split, args.fake_split,
-                                  args.batch_size, args.device)
-            else:
-                cfg = replace(Config(), **{k: getattr(args, k) for k in (*SEGMENT, "seed")})
-                result = segment(args.train, args.test, cfg, args.test_split, args.train_split.split(","),
-                                 args.real_fraction, args.out)
-            if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=1))
-                print(f"scores in {args.json}")
+        elif args.command == "eval":
+            result = evaluate(args.real, args.fake, args.image_size, args.real_split, args.fake_split,
+                              args.batch_size, args.device)
+        elif args.command == "segment":
+            cfg = replace(Config(), **{k: getattr(args, k) for k in (*SEGMENT, "seed")})
+            result = segment(args.train, args.test, cfg, args.test_split, args.train_split.split(","),
+                             args.real_fraction, args.out)
+        if args.command in ("eval", "segment") and args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+            print(f"scores in {args.json}")
     except (data.DataError, metrics.MetricsError, FloatingPointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
