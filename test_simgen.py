@@ -870,7 +870,7 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
     a, b = state_tensors(straight), state_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any("_orig_mod." in k for k in a)  # the uncompiled module's names
-    assert set(straight) == {"model", "ema", "optimizer", "step", "config", "classes", "version"}
+    assert set(straight) == {"model", "ema", "optimizer", "step", "config", "classes", "version", "seconds"}
     assert simgen.Config(**straight["config"]) == tiny(steps=6, ckpt_every=100)
     assert straight["classes"][4] == {"id": 4, "name": "tool_tip", "value": 4}
     assert (tmp_path / "a" / "log.csv").read_text().startswith("step,loss,images_per_s,seconds\n")
@@ -941,7 +941,7 @@ def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_pa
     cfg = simgen.Config(**ckpt["config"])
     model = simgen.ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
-    images, masks = simgen.generate(model, simgen.GaussianDiffusion(cfg.timesteps), cfg, 5, 3,
+    images, masks = simgen.generate(model, simgen.GaussianDiffusion(cfg.timesteps), cfg, simgen.Speed(), 5, 3,
                                     simgen.make_generator("cpu", 2, 1, 0), torch.device("cpu"), 5)
     assert torch.equal(back.images[:3], images) and torch.equal(back.masks[:3].long(), masks)
     boxes = json.loads((out / "boxes.json").read_text())
@@ -961,7 +961,7 @@ def test_sample_is_deterministic_and_never_overwrites(tiny_ckpt, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         simgen.main(["sample", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--n", "2"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err == f"error: {tmp_path / 'a'}: not empty; pass --force to overwrite it\n"
+    assert e.value.code == 1 and err == f"error: {tmp_path / 'a'}: holds an earlier sample; pass --force to replace it\n"
     simgen.main(["sample", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--n", "2", "--force"])
     assert len(list((tmp_path / "a" / "images").iterdir())) == 2  # no stale pairs left
 
@@ -1176,10 +1176,12 @@ def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, cap
 
 
 def test_segment_errors_are_one_line(tmp_path, capsys):
-    test = make_squares(tmp_path / "test", 3, 16, seed=3)
+    test = make_squares(tmp_path / "test", 9, 16, seed=3)
     tool = make_squares(tmp_path / "tool", 3, 16, seed=0, value=128, spec={"background": 0, "tool": 128})
     base = ["segment", str(tool), "--test", str(test), "--image-size", "16", "--channel-mults", "1,2", "--steps", "1"]
     assert "classes tool (128) have no class of that mask value" in cli_error(base, capsys)
+    empty = make_squares(tmp_path / "three", 3, 16, seed=3)  # round(0.12 x 3) = 0 pairs in val
+    assert f"{empty}: no pairs in its val split (3 pairs in all)" in cli_error([*base[:3], str(empty), *base[4:]], capsys)
     assert "--real-fraction 0.0: must be in (0, 1]" in cli_error(base + ["--real-fraction", "0"], capsys)
     assert "one per TRAIN folder" in cli_error(base + ["--train-split", "train,all"], capsys)
 
@@ -1267,7 +1269,8 @@ def test_flop_counter_equals_the_analytic_count():
     params, opt = list(model.parameters()), torch.optim.Adam(model.parameters())
     diffusion = simgen.GaussianDiffusion(TINY.timesteps)
     with FlopCounterMode(display=False) as counter:
-        simgen.train_step(model, params, opt, diffusion, x, t, torch.randn_like(x), TINY)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        simgen.train_step(model, params, opt, scaler, diffusion, x, t, torch.randn_like(x), TINY, simgen.Speed())
     no_grad_input = per_module[model.init] + per_module[model.time_mlp[0]]
     assert counter.get_total_flops() == 3 * total - no_grad_input
 
@@ -1308,7 +1311,8 @@ def test_diffusion_to_moves_every_buffer_and_cpu_sampling_is_eager():
     buffers = {k: v for k, v in vars(diffusion).items() if torch.is_tensor(v)}
     assert len(buffers) >= 11 and all(v.device.type == "meta" for v in buffers.values())
     model = simgen.ResUNet(TINY)
-    assert simgen.sampling_model(model, TINY, torch.device("cpu")) is model  # no compile on a CPU
+    cpu = torch.device("cpu")
+    assert simgen.sampling_model(model, simgen.speed(TINY, cpu), cpu) is model  # no compile on a CPU
 
 
 def test_peak_table_matches_cuda_device_names():
@@ -1339,3 +1343,151 @@ def test_bench_writes_every_number(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "eager fp32" in out and "DDPM, 50 steps" in out and "MFU" in out
     assert ("skipped" in out) == (len(measured) < 3)
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing lost: locks, sample's manifest, finite checkpoints, the cache, flags, resume logs
+
+
+def hold_lock(folder):
+    """A second process that holds folder's lock until killed -> the Popen."""
+    code = f"import pathlib, time, simgen\nwith simgen.folder_lock(pathlib.Path({str(folder)!r})):\n" \
+           "    print('locked', flush=True)\n    time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_process_is_refused_a_busy_run_or_output_folder(tiny_ckpt, tmp_path, capsys):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    for folder, argv in ((run_dir, ["train", "synthetic", "--preset", "tiny", "--steps", "2"]),
+                         (out, ["sample", str(tiny_ckpt), "--n", "1"])):
+        holder = hold_lock(folder)
+        try:
+            err = cli_error(argv + ["--out", str(folder)], capsys)
+            assert f"{folder}: in use by another simgen process (PID {holder.pid})" in err
+            assert not (folder / "ckpt.pt").exists() and not (folder / "images").exists()
+        finally:
+            holder.kill()  # as kill -9: the kernel drops the lock with the process
+            holder.wait()
+        simgen.main(argv + ["--out", str(folder)])  # a killed holder never blocks the next run
+    assert torch.load(run_dir / "ckpt.pt", weights_only=True)["step"] == 2 and (out / "images" / "00000.png").exists()
+
+
+def test_force_never_touches_a_folder_sample_did_not_write(tiny_ckpt, tmp_path, capsys):
+    real = make_squares(tmp_path / "real", 3, 16, seed=0, spec={"background": 0, "polyp": 255})
+    before = {p: p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    err = cli_error(["sample", str(tiny_ckpt), "--out", str(real), "--n", "2", "--force"], capsys)
+    assert "not written by sample" in err
+    assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file() and p.name != simgen.LOCK_FILE} == before
+    # A folder sample wrote, plus one file of the user's: refused too, and the user's file stays.
+    out = tmp_path / "out"
+    simgen.main(["sample", str(tiny_ckpt), "--out", str(out), "--n", "2"])
+    (out / "images" / "mine.png").write_bytes(b"the user's")
+    err = cli_error(["sample", str(tiny_ckpt), "--out", str(out), "--n", "1", "--force"], capsys)
+    assert "holds 1 files sample did not write (e.g. images/mine.png)" in err
+    (out / "images" / "mine.png").unlink()
+    simgen.main(["sample", str(tiny_ckpt), "--out", str(out), "--n", "1", "--force"])  # its own files: replaced
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png"]
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, monkeypatch, capsys):
+    real, calls = simgen.optimizer_step, []
+
+    def poisoned(loss, params, *args):  # the third update leaves a NaN weight; its loss was finite
+        real(loss, params, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                params[0].view(-1)[0] = float("nan")
+    monkeypatch.setattr(simgen, "optimizer_step", poisoned)
+    err = cli_error(["train", "synthetic", "--preset", "tiny", "--ckpt-every", "1", "--out", str(tmp_path)], capsys)
+    assert "weights are not finite near step 3" in err and "(step 2) is kept" in err
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for k in ("model", "ema") for v in ckpt[k].values())
+
+
+@pytest.mark.parametrize("how", ["path under a file", "torch.save raises"])
+def test_an_unwritable_cache_is_a_warning_not_a_crash(tmp_path, monkeypatch, capsys, how):
+    if how == "path under a file":
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "file" / "cache"))
+    else:
+        def refuse(*a, **k):
+            raise RuntimeError("File cache.pt cannot be opened.")
+        monkeypatch.setattr(data.torch, "save", refuse)
+    root = make_squares(tmp_path / "ds", 3, 16, seed=0)
+    a, b = PairedFolder(root, 16, "all"), PairedFolder(root, 16, "all")
+    out = capsys.readouterr().out
+    assert out.count("cache not writable") == 1 and "cached in" not in out and "decoded, not cached" in out
+    assert torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt-every", "0"], "--ckpt-every 0: must be >= 1"),
+    (["--sample-n", "0"], "--sample-n 0: must be >= 1"),
+    (["--image-size", "0"], "--image-size 0: must be >= 1"),
+    (["--base-channels", "0"], "--base-channels 0: must be >= 1"),
+    (["--timesteps", "0", "--schedule", "cosine"], "--timesteps 0: must be >= 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--log-every", "0"], "--log-every 0: must be >= 1"),
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--ema-decay", "1"], "--ema-decay 1.0: must be in [0, 1)"),
+])
+def test_each_bad_train_flag_is_one_line_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert message in cli_error(["train", "synthetic", "--preset", "tiny", "--out", str(out), *argv], capsys)
+    assert not out.exists()
+
+
+def test_bad_sample_flags_and_checkpoints_make_no_folder(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, message in ((["--ddim-steps", "-5"], "--ddim-steps -5: must be at least 0"),
+                          (["--n", "0"], "--n 0: must be at least 1"), (["--seed", "-1"], "--seed -1")):
+        assert message in cli_error(["sample", str(tiny_ckpt), "--out", str(out), *argv], capsys)
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    del ckpt["classes"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert "not a SimGen checkpoint" in cli_error(["sample", str(tmp_path / "old.pt"), "--out", str(out)], capsys)
+    assert not out.exists()
+
+
+def test_the_cache_sees_a_same_size_same_mtime_swap(tmp_path):
+    # BMP files of one pixel size have one byte size: a swap that size and mtime cannot see.
+    root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 2, image_ext="bmp")
+    first = PairedFolder(root, 4, "all")
+    path = root / "images" / "s000.bmp"
+    stat = path.stat()
+    write_image(path, np.full((4, 4, 3), 7, np.uint8))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p or rsync -t keep it
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert torch.equal(PairedFolder(root, 4, "all").images[0], torch.full((3, 4, 4), 7, dtype=torch.uint8))
+    assert not torch.equal(first.images[0], torch.full((3, 4, 4), 7, dtype=torch.uint8))
+
+
+def test_eval_checks_both_folders_first_and_warns_of_renamed_classes(tmp_path, stand_in, capsys):
+    real = make_squares(tmp_path / "real", 4, 16, seed=0, spec={"background": 0, "class_1": 255})
+    fake = make_squares(tmp_path / "fake", 4, 16, seed=1, spec={"tissue": 0, "tool": 255})
+    err = cli_error(["eval", "synthetic", str(tmp_path / "nonexistent")], capsys)
+    assert err == f"error: {tmp_path / 'nonexistent'}: dataset folder not found\n"
+    assert not list((tmp_path / "cache").glob("eval-*"))  # no features were computed
+    simgen.main(["eval", str(real), str(fake)])
+    out = capsys.readouterr().out
+    assert "named differently: tissue as background (0), tool as class_1 (255)" in out
+
+
+def test_resume_keeps_one_log_row_per_step_and_counts_seconds_on(tmp_path, capsys):
+    simgen.train(tiny(steps=8, ckpt_every=4, log_every=2), tmp_path)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    # as if killed after step 6's row but before step 8's checkpoint
+    (tmp_path / "log.csv").write_text("\n".join(rows[:4]) + "\n")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["step"], ckpt["seconds"] = 4, 100.0
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    simgen.train(tiny(steps=8, ckpt_every=4, log_every=2), tmp_path, explicit={"steps"})
+    table = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in table] == [2, 4, 6, 8]
+    assert float(table[2][3]) >= 100.0 and float(table[3][3]) >= float(table[2][3])  # on from the checkpoint's
+    out = capsys.readouterr().out
+    assert "amp=" not in out and "1 x cpu, fp32, eager" in out  # what a CPU runs, not the CUDA defaults
