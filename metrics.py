@@ -313,12 +313,19 @@ def load_inception(path=None):
 @contextlib.contextmanager
 def _strict_fp32():
     """TF32 off on CUDA while features are extracted: its 10-bit mantissa changes the features."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    # torch >= 2.9 has fp32_precision ("ieee": full fp32); reading the legacy allow_tf32 flags after
+    # the new API has set them raises, so the new one is used wherever it exists.
+    new = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    flags = [(torch.backends.cuda.matmul, "fp32_precision" if new else "allow_tf32"),
+             (torch.backends.cudnn.conv if new else torch.backends.cudnn, "fp32_precision" if new else "allow_tf32")]
+    saved = [getattr(obj, name) for obj, name in flags]
+    for obj, name in flags:
+        setattr(obj, name, "ieee" if new else False)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)
 
 
 def preprocess(images):
