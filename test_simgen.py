@@ -868,7 +868,10 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
                          weights_only=True)
     assert straight["step"] == resumed["step"] == 6
     a, b = state_tensors(straight), state_tensors(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Bitwise on a CPU. On CUDA, cuDNN's autotuning may pick other algorithms in another process,
+    # which changes the rounding: there only closeness is promised (bitwise was seen on an H100).
+    same = torch.equal if not torch.cuda.is_available() else lambda u, v: torch.allclose(u, v, atol=1e-5)
+    assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     assert not any("_orig_mod." in k for k in a)  # the uncompiled module's names
     assert set(straight) == {"model", "ema", "optimizer", "step", "config", "classes", "version", "seconds"}
     assert simgen.Config(**straight["config"]) == tiny(steps=6, ckpt_every=100)
@@ -1491,3 +1494,34 @@ def test_resume_keeps_one_log_row_per_step_and_counts_seconds_on(tmp_path, capsy
     assert float(table[2][3]) >= 100.0 and float(table[3][3]) >= float(table[2][3])  # on from the checkpoint's
     out = capsys.readouterr().out
     assert "amp=" not in out and "1 x cpu, fp32, eager" in out  # what a CPU runs, not the CUDA defaults
+
+
+# ------------------------------------------------------------------------------------------
+# The CUDA fast path, run on a CPU: bf16 autocast, inductor's CPU backend, channels_last
+
+
+def test_the_fast_path_trains_resumes_and_samples_on_a_cpu_without_recompiling(tmp_path, capsys):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    fast = ["--amp", "--compile", "--channels-last"]
+    base = ["train", "synthetic", "--preset", "tiny", *fast, "--out", str(tmp_path)]
+    try:
+        simgen.main(base + ["--steps", "3"])
+        simgen.main(base + ["--steps", "5"])  # resumes at step 3
+        out = capsys.readouterr().out
+        assert out.count("1 x cpu, bfloat16 autocast, compile, channels_last") == 2 and "resuming" in out
+        # two graphs: the training step and the EMA's grid sampling, and no more after the resume
+        assert counters["stats"]["unique_graphs"] == 2
+        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        assert ckpt["step"] == 5 and not any("_orig_mod." in k for k in ckpt["model"])
+        assert all(v.isfinite().all() for v in ckpt["ema"].values())
+        torch._dynamo.reset()
+        counters.clear()
+        # 6 pairs in batches of 4: the last batch is drawn at 4 and cut to 2, so one graph serves both
+        simgen.main(["sample", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n", "6",
+                     "--batch-size", "4", *fast])
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+        assert len(list((tmp_path / "s" / "images").iterdir())) == 6
+    finally:
+        torch._dynamo.reset()
