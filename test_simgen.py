@@ -835,7 +835,11 @@ def test_unclipped_mean_is_eq_11_and_ddim_T_steps_eta_1_is_ddpm():
     torch.testing.assert_close(mean, eq11, rtol=1e-4, atol=1e-4)
     shape = (2, 6, 16, 16)
     ddpm = d.p_sample_loop(model, shape, generator=torch.Generator().manual_seed(3))
-    ddim = d.ddim_sample_loop(model, shape, steps=TINY.timesteps, eta=1.0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # DDIM with every step and eta = 1, same draws as DDPM
+    ddim = torch.randn(shape, generator=g)
+    for i in reversed(range(TINY.timesteps)):
+        t, t_prev = torch.full((2,), i), torch.full((2,), i - 1)
+        ddim = d.ddim_sample(model, ddim, t, t_prev, eta=1.0, generator=g)
     torch.testing.assert_close(ddim, ddpm, rtol=1e-3, atol=1e-3)
     assert ddpm.abs().max() <= 1.1  # x_0 clipped to [-1, 1]; the last step adds no noise
 
@@ -936,7 +940,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_path):
-    out = simgen.sample(tiny_ckpt, tmp_path / "s", n=5, ddim_steps=5, seed=1, batch_size=3)
+    out = simgen.sample(tiny_ckpt, tmp_path / "s", n=5, sampler="ddim", steps=5, seed=1, batch_size=3)
     back = data.PairedFolder(out, 16, "all")
     ckpt = torch.load(tiny_ckpt, weights_only=True)
     assert len(back) == 5 and back.classes == ckpt["classes"]  # the dataset's own values, same ids
@@ -945,7 +949,7 @@ def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_pa
     model = simgen.ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
     images, masks = simgen.generate(model, simgen.GaussianDiffusion(cfg.timesteps), cfg, simgen.Speed(), 5, 3,
-                                    simgen.make_generator("cpu", 2, 1, 0), torch.device("cpu"), 5)
+                                    simgen.make_generator("cpu", 2, 1, 0), torch.device("cpu"), "ddim", 5)
     assert torch.equal(back.images[:3], images) and torch.equal(back.masks[:3].long(), masks)
     boxes = json.loads((out / "boxes.json").read_text())
     assert sorted(boxes) == ["00000", "00001", "00002", "00003", "00004"]
@@ -1207,15 +1211,15 @@ def test_each_mask_encoding_trains_samples_and_reads_back(tmp_path, scheme, stan
     ckpt_path = simgen.train(cfg, tmp_path / "run")
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["config"]["mask_scheme"] == scheme and [c["value"] for c in ckpt["classes"]] == [0, 100, 200]
-    out = simgen.sample(ckpt_path, tmp_path / "s", n=3, ddim_steps=4, seed=0, batch_size=3)
+    out = simgen.sample(ckpt_path, tmp_path / "s", n=3, sampler="ddim", steps=4, seed=0, batch_size=3)
     back = data.PairedFolder(out, 16, "all")
     assert back.classes == ckpt["classes"]  # the dataset's own values, the training ids
     assert {int(v) for p in (out / "masks").iterdir() for v in np.unique(np.array(Image.open(p)))} <= {0, 100, 200}
     # Oracle: the same noise, sampled directly; only decoding with the checkpoint's scheme gives the masks read back.
     model = simgen.ResUNet(simgen.Config(**ckpt["config"])).eval()
     model.load_state_dict(ckpt["ema"])
-    x = simgen.GaussianDiffusion(cfg.timesteps).ddim_sample_loop(model, (3, 6, 16, 16), 4,
-                                                                 generator=simgen.make_generator("cpu", 2, 0, 0))
+    x = simgen.GaussianDiffusion(cfg.timesteps).sample_loop(model, (3, 6, 16, 16), "ddim", 4,
+                                                            generator=simgen.make_generator("cpu", 2, 0, 0))
     for other in cfl.SCHEMES:
         assert torch.equal(cfl.decode(x[:, 3:], 3, other), back.masks.long()) == (other == scheme), other
     # and the sample evaluates against its training set, classes matched by value
@@ -1340,11 +1344,12 @@ def test_bench_writes_every_number(tmp_path, capsys):
     for v in measured.values():
         assert v["images_per_s"] > 0 and v["step_s"] > 0 and v["tflops"] > 0
     assert res["train_flops_per_step"] > 0 and res["data_images_per_s"] > 0
-    assert res["sample"]["ddpm_steps"] == TINY.timesteps and res["sample"]["ddpm_s"] > 0 and res["sample"]["ddim_s"] > 0
+    assert set(res["sample"]) == {f"ddpm_{TINY.timesteps}_s", "ddim_50_s", "dpm++_20_s", "dpm++_10_s"}
+    assert all(v > 0 for v in res["sample"].values())
     assert res["fid"]["hand_rolled_images_per_s"] > 0
     assert res["fid"]["reference_images_per_s"] is None or res["fid"]["reference_images_per_s"] > 0
     out = capsys.readouterr().out
-    assert "eager fp32" in out and "DDPM, 50 steps" in out and "MFU" in out
+    assert "eager fp32" in out and "ddpm, 50 steps" in out and "dpm++, 10 steps" in out and "MFU" in out
     assert ("skipped" in out) == (len(measured) < 3)
 
 
@@ -1446,7 +1451,7 @@ def test_each_bad_train_flag_is_one_line_before_any_work(tmp_path, capsys, argv,
 
 def test_bad_sample_flags_and_checkpoints_make_no_folder(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    for argv, message in ((["--ddim-steps", "-5"], "--ddim-steps -5: must be at least 0"),
+    for argv, message in ((["--steps", "-5"], "--steps -5: must be at least 1"),
                           (["--n", "0"], "--n 0: must be at least 1"), (["--seed", "-1"], "--seed -1")):
         assert message in cli_error(["sample", str(tiny_ckpt), "--out", str(out), *argv], capsys)
     ckpt = torch.load(tiny_ckpt, weights_only=True)
