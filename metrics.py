@@ -473,13 +473,42 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
+def fid_from_features(f1, f2):
+    """FID of two feature sets (N1, D), (N2, D): frechet_distance of their means and covariances.
+
+    With fewer images than dimensions (min(N1, N2) < D; 120 val images against 2048 features),
+    the trace term needs no D x D matrix. With centred features X1, X2 and A_k = X_k / sqrt(N_k - 1),
+    the covariances are S_k = A_k^T A_k, and
+
+        S1 S2 = A1^T (A1 A2^T A2)  and  (A1 A2^T A2) A1^T = M M^T,  M = A1 A2^T  (N1 x N2),
+
+    so S1 S2 has the nonzero eigenvalues of M M^T (AB and BA share them), which are the squared
+    singular values of M. Hence tr((S1 S2)^{1/2}) = sum of the singular values of
+    X1 X2^T / sqrt((N1 - 1)(N2 - 1)), and tr(S_k) = |A_k|_F^2: one SVD of an N1 x N2 matrix
+    instead of two D x D eigendecompositions. Exact, not an approximation.
+    """
+    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
+    if min(len(f1), len(f2)) >= f1.shape[1]:
+        return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    a1 = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
+    a2 = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
+    tr_covmean = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    diff = f1.mean(0) - f2.mean(0)
+    return float(diff @ diff + (a1 * a1).sum() + (a2 * a2).sum() - 2 * tr_covmean)
+
+
+def kid(f1, f2, subsets=100, subset_size=1000, seed=2020):
     """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD² with the kernel
     k(x, y) = (x·y / d + 1)³, averaged over random subsets of m = min(subset_size, N1, N2)
-    rows drawn without replacement from each set (torch-fidelity / clean-fid's estimator):
+    rows drawn without replacement from each set:
 
         MMD² = sum_{i≠j} k(x_i, x_j) / (m(m-1)) + sum_{i≠j} k(y_i, y_j) / (m(m-1))
                - 2 sum_{i,j} k(x_i, y_j) / m²
+
+    The subsets are torch-fidelity's: np.random.RandomState(2020), for each subset the rows of
+    set 1, then of set 2, so its numbers are reproduced. (torch-fidelity refuses sets smaller
+    than subset_size; here m shrinks to the smaller set.) The subsets are scored in batches of
+    matrix products in float64.
 
     :param f1, f2: (N1, d), (N2, d) features.
     :return: (mean, std over subsets, m).
@@ -488,14 +517,20 @@ def kid(f1, f2, subsets=100, subset_size=1000, seed=0):
     if m < 2:
         raise MetricsError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
     d = f1.shape[1]
-    rng = np.random.default_rng(seed)
-    mmd = np.empty(subsets)
-    for s in range(subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]
-        y = f2[rng.choice(len(f2), m, replace=False)]
-        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        within = kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)
-        mmd[s] = within / (m * (m - 1)) - 2 * kxy.mean()
+    rng = np.random.RandomState(seed)
+    draws = [(rng.choice(len(f1), m, replace=False), rng.choice(len(f2), m, replace=False))
+             for _ in range(subsets)]
+    t1, t2 = torch.from_numpy(np.asarray(f1, np.float64)), torch.from_numpy(np.asarray(f2, np.float64))
+    chunk = max(1, 2**23 // (m * d))  # subsets per batch: 64 MB of rows of each set
+    mmd = []
+    for s in range(0, subsets, chunk):
+        i1, i2 = (torch.from_numpy(np.stack(idx)) for idx in zip(*draws[s:s + chunk]))
+        x, y = t1[i1], t2[i2]  # (S, m, d)
+        kxx, kyy, kxy = ((a @ b.transpose(1, 2) / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        diagonals = kxx.diagonal(dim1=1, dim2=2).sum(1) + kyy.diagonal(dim1=1, dim2=2).sum(1)
+        within = kxx.sum((1, 2)) + kyy.sum((1, 2)) - diagonals
+        mmd.append(within / (m * (m - 1)) - 2 * kxy.mean((1, 2)))
+    mmd = torch.cat(mmd).numpy()
     return float(mmd.mean()), float(mmd.std()), m
 
 
@@ -512,8 +547,7 @@ def distances(real, fake, class_ids=None, subsets=100, subset_size=1000):
         raise MetricsError(f"FID needs at least 2 images per set, got {len(fr)} and {len(ff)}")
     # Note: with fewer images than 2048 dimensions the covariance is singular; FID is still
     # defined but biased upwards (more so the fewer images): compare only equal-sized sets.
-    out = {"fid": frechet_distance(*feature_stats(fr), *feature_stats(ff)),
-           "n_real": len(fr), "n_fake": len(ff)}
+    out = {"fid": fid_from_features(fr, ff), "n_real": len(fr), "n_fake": len(ff)}
     out["kid"], out["kid_std"], out["kid_subset_size"] = kid(fr, ff, subsets, subset_size)
     # Note: the background class counts like any other class: every class found in either set
     # gets a row, and the classes with >= 2 regions in both sets are scored and averaged.
@@ -525,7 +559,7 @@ def distances(real, fake, class_ids=None, subsets=100, subset_size=1000):
         row = {"class": c, "n_real": len(rc), "n_fake": len(fc), "fid": None, "kid": None,
                "kid_std": None, "kid_subset_size": 0}
         if len(rc) >= 2 and len(fc) >= 2:
-            row["fid"] = frechet_distance(*feature_stats(rc), *feature_stats(fc))
+            row["fid"] = fid_from_features(rc, fc)
             # Note: with few regions the KID subsets shrink to min(n_real, n_fake), as for images
             row["kid"], row["kid_std"], row["kid_subset_size"] = kid(rc, fc, subsets, subset_size)
         rows.append(row)

@@ -378,13 +378,23 @@ class GaussianDiffusion:
         a = self._extract(self.alphas_cumprod, t.clamp(min=0), x)
         return a.where(t.view_as(a) >= 0, 1.0)
 
-    def sampling_timesteps(self, sampler, steps):
-        """The descending timesteps a sampler visits: all T for ddpm, else `steps` of them evenly
-        spaced in t from T-1 to 0 (DDIM's "uniform" skip; measured against even spacing in lambda
-        in the README: see sample_loop's Note)."""
+    def sampling_timesteps(self, sampler, steps, spacing=None):
+        """The descending timesteps a sampler visits: all T for ddpm; else about `steps` of them,
+        evenly spaced in t (DDIM's "uniform" skip; ddim's default) or in lambda_t = log(a_t / s_t)
+        (DPM-Solver's "logSNR" spacing; dpm++'s default), rounded to the nearest timestep.
+
+        Note: dpm++ takes even lambda steps. Even t steps leave its last step from t ~ T/K to 0
+        spanning half the lambda range, where its second-order extrapolation (r_i << 1) is
+        least accurate; the README measures both.
+        """
         if sampler == "ddpm":
             return list(range(self.num_timesteps - 1, -1, -1))
-        ts = np.linspace(0, self.num_timesteps - 1, steps).round().astype(np.int64)
+        if (spacing or ("lambda" if sampler == "dpm++" else "t")) == "t":
+            ts = np.linspace(0, self.num_timesteps - 1, steps).round().astype(np.int64)
+        else:
+            a_bar = self.alphas_cumprod.double().cpu().numpy()
+            lam = 0.5 * np.log(a_bar / (1 - a_bar))  # decreasing in t
+            ts = np.abs(lam[None] - np.linspace(lam[-1], lam[0], steps)[:, None]).argmin(1)
         return np.unique(ts)[::-1].tolist()
 
     def q_resample(self, x_prev, t_prev, t, generator=None):
@@ -398,7 +408,8 @@ class GaussianDiffusion:
     def sample_loop(self, model, shape, sampler="ddpm", steps=None, known=None, keep=None, resample=1,
                     generator=None, device=None):
         """x_T ~ N(0, I) -> x_0 (shape) in [-1, 1] with sampler "ddpm" (Algorithm 2), "ddim" (eta = 0)
-        or "dpm++" (DPM-Solver++(2M)) on sampling_timesteps(sampler, steps).
+        or "dpm++" (DPM-Solver++(2M)) on sampling_timesteps(sampler, steps), or on `steps` itself
+        when it is a list of descending timesteps.
 
         Conditional sampling (an extension; RePaint, Lugmayr et al. 2022, Algorithm 1): the channels
         where `keep` (bool, broadcastable to shape) is True are given by `known` (shape, in [-1, 1]).
@@ -409,7 +420,7 @@ class GaussianDiffusion:
         q_resample in between (its lines 8-10), which harmonises the two halves.
         """
         x = torch.randn(shape, generator=generator, device=device)
-        ts = self.sampling_timesteps(sampler, steps)
+        ts = steps if isinstance(steps, list) else self.sampling_timesteps(sampler, steps)
         history = None  # DPM-Solver++(2M): the previous step's x_theta and lambda
         for i, i_prev in zip(ts, ts[1:] + [-1]):
             t, t_prev = (torch.full((shape[0],), v, dtype=torch.long, device=x.device) for v in (i, i_prev))
@@ -957,17 +968,29 @@ def sample(ckpt_path, out, n=None, sampler="ddpm", steps=20, seed=0, batch_size=
         return generate(model, diffusion, cfg, sp, len(classes), m, g, device, sampler, steps, half, resample,
                         batch_size)
     with folder_lock(out):
-        write_pairs(out, stems, classes, cfg.mask_scheme, batch_size, draw, force)
+        images, masks = write_pairs(out, stems, classes, cfg.mask_scheme, batch_size, draw, force)
+    if given == "images":  # image -> mask is segmentation: scored against the dataset's masks
+        truth = class_map(ds.classes, classes, data_root)[ds.masks[:n].long()]
+        per_class, mean = iou(masks, truth, len(classes))
+        accuracy = (masks == truth).float().mean().item()
+        print(f"image -> mask against {data_root} [{split}]: pixel accuracy {accuracy:.3f}, mean IoU {fmt(mean, 3)} ("
+              + ", ".join(f"{c['name']} {fmt(v, 3)}" for c, v in zip(classes, per_class)) + ")")
+    if given == "masks" and data_root == "synthetic":  # the image's colours tell each pixel's class
+        print(f"mask -> image alignment {data.alignment_score(images, masks):.3f} (shuffled masks "
+              f"{data.alignment_score(images, masks.roll(1, 0)):.3f}; real pairs "
+              f"{data.alignment_score(ds.images[:n], ds.masks[:n]):.3f})")
     return out
 
 
 def write_pairs(out, stems, classes, scheme, batch_size, draw, force):
-    """Write the pairs draw(k, first) makes, batch by batch, as a dataset folder (see sample)."""
+    """Write the pairs draw(k, first) makes, batch by batch, as a dataset folder (see sample).
+    -> all images uint8 (N, 3, S, S) and masks long (N, S, S), for scoring."""
     files = [f"{sub}/{stem}.png" for sub in ("images", "masks", "masks_color") for stem in stems]
     prepare_output(out, files + ["grid.png", "boxes.json", "classes.json"], force)
-    names, boxes, start = [c["name"] for c in classes], {}, time.time()
+    names, boxes, start, pairs = [c["name"] for c in classes], {}, time.time(), []
     for k, first in enumerate(range(0, len(stems), batch_size)):
         images, masks = draw(k, first)
+        pairs.append((images, masks))
         colours = cfl.colorize(masks, len(classes), scheme)
         for i, stem in enumerate(stems[first:first + len(images)]):
             Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(out / "images" / f"{stem}.png")
@@ -982,6 +1005,7 @@ def write_pairs(out, stems, classes, scheme, batch_size, draw, force):
     # Names every class, present or not, so PairedFolder(out) keeps the training ids (data.py layout).
     (out / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
     print(f"{out}: {len(stems)} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -246,6 +246,38 @@ def test_kid_equals_direct_loop():
     assert metrics.kid(x, np.concatenate([y, y]), subsets=3)[2] == n
 
 
+def test_kid_matches_torch_fidelitys_subsets_and_estimator():
+    # Oracle: torch-fidelity's KID restated (metric_kid.py: RandomState(2020), for each subset the
+    # rows of set 1 then set 2, its mmd2 "unbiased" estimate with the polynomial kernel), looped.
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 16)), rng.normal(0.2, 1.1, size=(30, 16))
+    draws, mmds = np.random.RandomState(2020), []
+    for _ in range(7):
+        a, b = x[draws.choice(40, 10, replace=False)], y[draws.choice(30, 10, replace=False)]
+        kxx, kyy, kxy = ((u @ v.T / 16 + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
+        mmds.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / 90 - 2 * kxy.sum() / 100)
+    mean, std, m = metrics.kid(x, y, subsets=7, subset_size=10)
+    assert m == 10 and np.isclose(mean, np.mean(mmds), rtol=1e-12) and np.isclose(std, np.std(mmds), rtol=1e-10)
+
+
+@pytest.mark.parametrize("n1, n2", [(120, 90), (30, 300), (70, 70)])
+def test_fid_from_few_features_equals_the_d_by_d_formulas(n1, n2):
+    # Fewer images than dimensions (d = 100): the N x N route against this module's eigen route
+    # and against pytorch-fid's formula, which takes scipy's sqrtm of S1 S2.
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(n1)
+    f1 = rng.normal(size=(n1, 100)) @ rng.normal(size=(100, 100)) * 0.1
+    f2 = rng.normal(0.05, 1.0, size=(n2, 100)) @ rng.normal(size=(100, 100)) * 0.1
+    (mu1, s1), (mu2, s2) = metrics.feature_stats(f1), metrics.feature_stats(f2)
+    fast = metrics.fid_from_features(f1, f2)
+    # 1e-6: the D x D routes take square roots of the rank-deficient product's zero eigenvalues,
+    # which come out at +-1e-16 and give 1e-8 each; the N x N route has no such terms
+    assert np.isclose(fast, metrics.frechet_distance(mu1, s1, mu2, s2), rtol=1e-6)
+    covmean = scipy_linalg.sqrtm(s1 @ s2).real  # pytorch-fid's calculate_frechet_distance
+    pytorch_fid = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert np.isclose(fast, pytorch_fid, rtol=1e-6)
+
+
 # ---- Semantic Inception Distance
 
 
@@ -1530,3 +1562,128 @@ def test_the_fast_path_trains_resumes_and_samples_on_a_cpu_without_recompiling(t
         assert len(list((tmp_path / "s" / "images").iterdir())) == 6
     finally:
         torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------
+# Samplers against a toy Gaussian, where the exact eps-predictor and the exact flow are known
+
+
+def float64_diffusion(T):
+    d = simgen.GaussianDiffusion(T)
+    for name, value in list(vars(d).items()):
+        if torch.is_tensor(value):
+            setattr(d, name, value.double())
+    return d
+
+
+def test_dpm_solver_is_second_order_and_ddim_first_order_on_a_gaussian():
+    # Data x_0 ~ N(mu, s^2): q(x_t) = N(sqrt(a_t) mu, a_t s^2 + 1 - a_t), and the optimal
+    # eps(x_t, t) = E[eps | x_t] = sqrt(1 - a_t) (x_t - sqrt(a_t) mu) / (a_t s^2 + 1 - a_t).
+    # The probability-flow ODE keeps z = (x_t - sqrt(a_t) mu) / sqrt(a_t s^2 + 1 - a_t) fixed, so
+    # from x_T its exact value at the last timestep t_0 is known; the samplers' last step maps
+    # x_{t_0} to E[x_0 | x_{t_0}], the same map for both, applied here to the exact x_{t_0}.
+    d, mu, s = float64_diffusion(1000), 0.1, 0.2
+    a = d.alphas_cumprod
+
+    def eps(x, t):
+        at = a[t].view(-1, 1, 1, 1)
+        return (1 - at).sqrt() * (x - at.sqrt() * mu) / (at * s * s + 1 - at)
+    shape = (500, 1, 1, 1)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).double()  # as sample_loop draws it
+    lam = 0.5 * (a / (1 - a)).log()
+
+    def error(sampler, k):  # k steps evenly spaced in lambda, as dpm++ takes them
+        ts = d.sampling_timesteps("dpm++", k)
+        x = d.sample_loop(eps, shape, sampler, ts, generator=torch.Generator().manual_seed(0))
+        z = (x_T - a[ts[0]].sqrt() * mu) / (a[ts[0]] * s * s + 1 - a[ts[0]]).sqrt()
+        a0 = a[ts[-1]]
+        x_t0 = a0.sqrt() * mu + (a0 * s * s + 1 - a0).sqrt() * z
+        exact = mu + s * s * a0.sqrt() * (x_t0 - a0.sqrt() * mu) / (a0 * s * s + 1 - a0)
+        return (x.double() - exact).abs().max().item()
+    assert (lam.diff() < 0).all()  # lambda falls with t: even lambda steps are well defined
+    ddim = [error("ddim", k) for k in (20, 40, 80)]
+    dpm = [error("dpm++", k) for k in (20, 40, 80)]
+    for e in (ddim[0] / ddim[1], ddim[1] / ddim[2]):
+        assert 1.7 < e < 2.3  # first order: half the step, half the error
+    for e in (dpm[0] / dpm[1], dpm[1] / dpm[2]):
+        assert 3.0 < e < 5.0  # second order: half the step, a quarter of the error
+    assert dpm[1] < ddim[1] / 10
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_deterministic_samplers_draw_nothing_after_x_T(sampler):
+    torch.manual_seed(0)
+    model = simgen.ResUNet(TINY).eval()
+    torch.nn.init.normal_(model.out[-1].weight, std=0.02)
+    d, shape = simgen.GaussianDiffusion(TINY.timesteps), (2, 6, 16, 16)
+    g, reference = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x = d.sample_loop(model, shape, sampler, 7, generator=g)
+    reference.manual_seed(5)
+    torch.randn(shape, generator=reference)  # x_T, and nothing else
+    assert torch.equal(g.get_state(), reference.get_state())
+    again = d.sample_loop(model, shape, sampler, 7, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(x, again) and x.abs().max() <= 1
+
+
+def test_replacement_sampling_finds_the_conditional_mean_and_resampling_cuts_its_bias():
+    # Two channels, jointly Gaussian N(0, S), S = s^2 [[1, r], [r, 1]]: the optimal eps is
+    # sqrt(1 - a_t) C_t^{-1} x_t with C_t = a_t S + (1 - a_t) I, and b | a ~ N(r a, s^2 (1 - r^2)).
+    d, s, r, a = float64_diffusion(250), 0.4, 0.9, 0.5
+    cov = s * s * torch.tensor([[1, r], [r, 1]], dtype=torch.float64)
+
+    def eps(x, t):
+        at = d.alphas_cumprod[t].view(-1, 1, 1)
+        c = at * cov + (1 - at) * torch.eye(2, dtype=torch.float64)
+        return ((1 - at).sqrt() * torch.linalg.solve(c, x[:, :, 0, 0, None])).view_as(x)
+    n = 1000
+    known = torch.zeros(n, 2, 1, 1, dtype=torch.float64)
+    known[:, 0] = a
+    keep = torch.tensor([True, False]).view(1, 2, 1, 1)
+    result = {}
+    for resample in (1, 5):
+        x = d.sample_loop(eps, (n, 2, 1, 1), "ddpm", None, known, keep, resample,
+                          generator=torch.Generator().manual_seed(0))
+        assert torch.equal(x[:, 0], known[:, 0])  # the given channel comes out as given
+        result[resample] = x[:, 1].double().mean().item(), x[:, 1].double().std().item()
+    # Plain replacement is biased towards the unconditional mean 0 (its known bias); 5 rounds
+    # of resampling bring it within 0.04 of r a = 0.45, with about the right spread.
+    assert r * a - result[1][0] > 0.1
+    assert abs(result[5][0] - r * a) < 0.04 and abs(result[5][1] / (s * (1 - r * r) ** 0.5) - 1) < 0.15
+
+
+# ------------------------------------------------------------------------------------------
+# sample --given: image -> mask and mask -> image with the one joint model
+
+
+def test_given_half_comes_out_exactly_as_given(tiny_ckpt, tmp_path, capsys):
+    val = PairedFolder("synthetic", 16, "val")
+    for given in ("images", "masks"):
+        capsys.readouterr()
+        out = simgen.sample(tiny_ckpt, tmp_path / given, n=5, sampler="dpm++", steps=5, batch_size=2,
+                            given=given, data_root="synthetic", split="val")
+        back = PairedFolder(out, 16, "all")
+        assert back.stems == val.stems[:5] and back.classes == val.classes
+        out_text = capsys.readouterr().out
+        if given == "images":
+            assert torch.equal(back.images, val.images[:5])  # bitwise, after the PNG round trip
+            # the printed score is the generated masks' agreement with the dataset's, read back from disk
+            accuracy = (back.masks == val.masks[:5]).float().mean().item()
+            assert f"pixel accuracy {accuracy:.3f}" in out_text
+        else:
+            assert torch.equal(back.masks, val.masks[:5])
+            values = np.array(Image.open(out / "masks" / f"{val.stems[0]}.png"))
+            assert np.array_equal(values, val.masks[0].numpy())  # synthetic values are the ids
+            aligned = data.alignment_score(back.images, back.masks)
+            assert f"mask -> image alignment {aligned:.3f}" in out_text
+        assert len(json.loads((out / "boxes.json").read_text())) == 5 and (out / "grid.png").exists()
+
+
+def test_given_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
+    base = ["sample", str(tiny_ckpt), "--out", str(tmp_path / "o")]
+    assert "--given and --data go together" in cli_error(base + ["--given", "images"], capsys)
+    assert "--given and --data go together" in cli_error(base + ["--data", "synthetic"], capsys)
+    other = make_squares(tmp_path / "other", 9, 16, seed=0, value=200, spec={"background": 0, "tool": 200})
+    err = cli_error(base + ["--given", "masks", "--data", str(other)], capsys)
+    assert "classes tool (200) have no class of that mask value" in err
+    assert "unknown split" in cli_error(base + ["--given", "images", "--data", "synthetic", "--split", "x"], capsys)
+    assert not (tmp_path / "o").exists()
