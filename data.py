@@ -248,7 +248,7 @@ def _split(root, stems, split):
     """Indices into the sorted stems: from root/<split>.txt if root has split files, else by position."""
     if split not in SPLITS:
         raise DataError(f"{split}: unknown split, use one of {', '.join(SPLITS)}")
-    files = {s: Path(root) / f"{s}.txt" for s in SPLITS[:3]} if root != "synthetic" else {}
+    files = {s: Path(root) / f"{s}.txt" for s in SPLITS[:3]} if synthetic_classes(root) is None else {}
     if split == "all":
         return list(range(len(stems)))
     if any(p.exists() for p in files.values()):
@@ -268,7 +268,7 @@ def _split(root, stems, split):
 class PairedFolder(torch.utils.data.Dataset):
     """The image/mask pairs of one split, held in memory as uint8 tensors.
 
-    :param root: dataset folder (layout in the module docstring) or "synthetic"
+    :param root: dataset folder (layout in the module docstring), "synthetic" or "synthetic:K"
     :param image_size: S; the shorter side is resized to S, then the centre S x S is cropped
     :param split: "train", "val", "test" (only from a test.txt) or "all"
     Attributes: images uint8 (N, 3, S, S), masks uint8 (N, S, S) class ids, classes
@@ -277,10 +277,12 @@ class PairedFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, image_size, split="train"):
         start, self.root, self.split = time.time(), str(root), split
-        if self.root == "synthetic":
+        k = synthetic_classes(self.root)
+        if k is not None:  # the built-in set, 5 classes or synthetic:K
             stems = [f"{i:04d}" for i in range(SYNTHETIC_SIZE)]
-            name, key = f"synthetic-{image_size}", ("synthetic", CACHE_VERSION, image_size)
-            build = lambda: _synthetic(image_size)
+            name = f"synthetic-{image_size}" if k == 5 else f"synthetic{k}-{image_size}"
+            key = ("synthetic", CACHE_VERSION, image_size) if k == 5 else ("synthetic", k, CACHE_VERSION, image_size)
+            build = lambda: _synthetic(image_size, k)
         else:
             folder = Path(root)
             pairs = _pairs(folder)
@@ -395,24 +397,101 @@ def synthetic_pair(index, size):
     return np.round(image).clip(0, 255).astype(np.uint8), mask
 
 
-def _synthetic(size):
-    """The built-in dataset as a dataset dict; class values are the ids (grey class-index PNGs)."""
-    pairs = [synthetic_pair(i, size) for i in range(SYNTHETIC_SIZE)]
-    classes = [{"id": i, "name": n, "value": i} for i, n in enumerate(SYNTHETIC_CLASSES)]
+SYNTHETIC_MAX = 64  # synthetic:K takes 2 <= K <= 64 classes: a 4 x 4 x 4 grid of colours
+
+
+def synthetic_classes(root):
+    """K when root names the built-in dataset ("synthetic": the 5 classes above, "synthetic:K": K
+    classes), else None. A bad K is a one-line DataError."""
+    root = str(root)
+    if root == "synthetic":
+        return 5
+    if not root.startswith("synthetic:"):
+        return None
+    k = root.split(":", 1)[1]
+    if not k.isdigit() or not 2 <= int(k) <= SYNTHETIC_MAX:
+        raise DataError(f"{root}: use synthetic:K with K from 2 to {SYNTHETIC_MAX} classes")
+    return int(k)
+
+
+def check_root(root):
+    """A one-line DataError unless root is a folder or names the built-in set: the check every
+    command makes before any work, and before any folder of its own is made."""
+    if synthetic_classes(root) is None and not Path(root).is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+
+
+def synthetic_colours(k):
+    """Mean RGB colour of each class of the built-in set with k classes, (k, 3) float64.
+
+    k = 5: SYNTHETIC_RGB. Otherwise points of an n x n x n grid in [40, 215]^3 (n^3 >= k) in a
+    fixed shuffled order: any two classes differ by >= 175 / (n - 1) in a channel (58 for k <= 64),
+    far more than the textures' +-6 and the pixel noise.
+    """
+    if k == 5:
+        return SYNTHETIC_RGB
+    n = next(n for n in range(2, 5) if n ** 3 >= k)
+    levels = np.linspace(40, 215, n)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    return grid[np.random.default_rng(k).permutation(len(grid))[:k]]
+
+
+def synthetic_scene(index, size, k):
+    """Scene number index of synthetic:k -> image uint8 (S, S, 3), mask uint8 (S, S).
+
+    Background tissue (class 0) with 3 to 6 objects of random classes 1..k-1 drawn over it: blobs,
+    and for every third class a tool-like bar. Classes with id % 4 == 3 are small (radius 0.06-0.1,
+    about 20 pixels at 32 x 32), like tool tips. Each class has its own colour
+    (synthetic_colours) and its own texture: stripes of +-6 with a frequency and angle set by its id.
+    """
+    rng = np.random.default_rng([2024, k, index])
+    v, u = (np.mgrid[0:size, 0:size] + 0.5) / size
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(3, 7)):
+        c = int(rng.integers(1, k))
+        cx, cy, angle = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0, np.pi)
+        r0 = rng.uniform(0.06, 0.1) if c % 4 == 3 else rng.uniform(0.1, 0.22)
+        along = (u - cx) * np.cos(angle) + (v - cy) * np.sin(angle)
+        across = (v - cy) * np.cos(angle) - (u - cx) * np.sin(angle)
+        if c % 3 == 0:  # a bar, 4 r0 long and r0 wide
+            inside = (np.abs(along) < 2 * r0) & (np.abs(across) < r0 / 2)
+        else:  # a blob, r(theta) = r0 (1 + a cos(3 theta + phase))
+            theta = np.arctan2(across, along)
+            inside = np.hypot(along, across) < r0 * (1 + rng.uniform(0, 0.2) * np.cos(3 * theta + rng.uniform(0, 7)))
+        mask[inside] = c
+    ids = np.arange(k)[:, None, None]
+    turn = ids * 2.39996  # the golden angle: neighbouring ids get far-apart stripe directions
+    texture = 6 * np.sin(2 * np.pi * (2 + ids % 5) * (u * np.cos(turn) + v * np.sin(turn)))  # (k, S, S)
+    light = np.take_along_axis(texture, mask[None].astype(np.int64), 0)[0] + rng.normal(0, 4, (size, size))
+    image = synthetic_colours(k)[mask] + light[..., None]
+    return np.round(image).clip(0, 255).astype(np.uint8), mask
+
+
+def _synthetic(size, k=5):
+    """The built-in dataset with k classes as a dataset dict; class values are the ids (grey
+    class-index PNGs)."""
+    make = synthetic_pair if k == 5 else (lambda i, s: synthetic_scene(i, s, k))
+    pairs = [make(i, size) for i in range(SYNTHETIC_SIZE)]
+    names = SYNTHETIC_CLASSES if k == 5 else ["tissue", *(f"class_{c:02d}" for c in range(1, k))]
+    classes = [{"id": i, "name": n, "value": i} for i, n in enumerate(names)]
     return _pack([p[0] for p in pairs], [p[1] for p in pairs], [f"{i:04d}" for i in range(SYNTHETIC_SIZE)], classes)
 
 
-def alignment_score(images, masks):
+def alignment_score(images, masks, k=5):
     """Fraction of pixels whose mask class is the class the image colour implies (synthetic data).
 
     :param images: uint8 (B, 3, H, W) in [0, 255] or float in [-1, 1]
     :param masks: class ids (B, H, W)
-    A 3 x 3 box blur averages out the class textures; each pixel then takes the class of the
-    nearest mean colour in SYNTHETIC_RGB. Real pairs score > 0.9, shuffled pairs about 0.45.
+    :param k: the classes of the built-in set the pairs follow (synthetic_classes)
+    Each pixel takes the class of the nearest mean colour in synthetic_colours(k). For the 5-class
+    set a 3 x 3 box blur first averages out its strong textures (up to +-30). synthetic:K's
+    textures are +-6, and its colours a dense grid, where a blurred edge between two classes can
+    land on a third: no blur there. Real pairs score > 0.9, shuffled pairs about 0.45-0.55.
     """
     x = torch.as_tensor(images)
     x = x.float() if x.dtype == torch.uint8 else to_uint8(x).float()
-    x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # borders average real pixels only
-    means = torch.tensor(SYNTHETIC_RGB, dtype=torch.float32, device=x.device)
+    if k == 5:
+        x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # borders average real pixels only
+    means = torch.tensor(synthetic_colours(k), dtype=torch.float32, device=x.device)
     dist = (x[:, None] - means[None, :, :, None, None]).square().sum(2)  # (B, K, H, W)
     return (dist.argmin(1) == torch.as_tensor(masks, device=x.device).long()).float().mean().item()

@@ -14,7 +14,8 @@ Commands:
     python simgen.py segment TRAIN [TRAIN ...] --test REAL [--test-split val] [--train-split train[,all...]]
                      [--real-fraction F] [--out DIR] [--json PATH] [--steps N] [--<field> V ...]
     python simgen.py bench [--json PATH] [--config paper|small] [--repeats N]
-DATA is a dataset folder (data.py) or "synthetic"; no DATA trains the demo on the synthetic set.
+DATA is a dataset folder (data.py), "synthetic" (5 classes) or "synthetic:K" (K classes, 2-64); no
+DATA trains the demo on the synthetic set.
 Multi-GPU: torchrun --nproc_per_node=N simgen.py train DATA ...
 """
 import argparse
@@ -789,6 +790,7 @@ def train(cfg, out, explicit=()):
         with the checkpoint's config, except the RESUMABLE ones. On a CPU, amp, compile and
         channels_last run only when explicit.
     """
+    data.check_root(cfg.data)  # before the run folder is made
     rank, world, device = setup_distributed()
     out = Path(out)
     with folder_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per folder
@@ -899,11 +901,12 @@ def train_locked(cfg, out, explicit, rank, world, device):
     if rank == 0:
         pairs = pairs if pairs is not None else save(start)  # nothing left to train: sample once more
         log(f"{ckpt_path}: step {max(start, cfg.steps)}, {seconds:.0f}s of training; grids in {out}")
-        if cfg.data == "synthetic":  # SYNTHETIC_RGB tells each pixel's class from the image alone
+        k = data.synthetic_classes(cfg.data)
+        if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
             fake_images, fake_masks = pairs
-            aligned = data.alignment_score(fake_images, fake_masks)
-            shuffled = data.alignment_score(fake_images, fake_masks.roll(1, 0))
-            real = data.alignment_score(ds.images[:len(fake_images)], ds.masks[:len(fake_images)])
+            aligned = data.alignment_score(fake_images, fake_masks, k)
+            shuffled = data.alignment_score(fake_images, fake_masks.roll(1, 0), k)
+            real = data.alignment_score(ds.images[:len(fake_images)], ds.masks[:len(fake_images)], k)
             log(f"alignment of generated pairs {aligned:.3f}  (same images, shuffled masks {shuffled:.3f}; "
                 f"real pairs {real:.3f})")
     if world > 1:
@@ -939,6 +942,8 @@ def sample(ckpt_path, out, n=None, sampler="ddpm", steps=20, seed=0, batch_size=
         raise ValueError(f"--sampler {sampler}: use one of {', '.join(SAMPLERS)}")
     if (given is None) != (data_root is None):
         raise ValueError("--given and --data go together: --given images|masks --data DATASET")
+    if data_root is not None:
+        data.check_root(data_root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(ckpt_path)  # on the CPU: only the EMA weights go to the device
     # The checkpoint carries the config and the classes: no flags to re-type, no size mismatch.
@@ -975,10 +980,11 @@ def sample(ckpt_path, out, n=None, sampler="ddpm", steps=20, seed=0, batch_size=
         accuracy = (masks == truth).float().mean().item()
         print(f"image -> mask against {data_root} [{split}]: pixel accuracy {accuracy:.3f}, mean IoU {fmt(mean, 3)} ("
               + ", ".join(f"{c['name']} {fmt(v, 3)}" for c, v in zip(classes, per_class)) + ")")
-    if given == "masks" and data_root == "synthetic":  # the image's colours tell each pixel's class
-        print(f"mask -> image alignment {data.alignment_score(images, masks):.3f} (shuffled masks "
-              f"{data.alignment_score(images, masks.roll(1, 0)):.3f}; real pairs "
-              f"{data.alignment_score(ds.images[:n], ds.masks[:n]):.3f})")
+    k = data.synthetic_classes(data_root) if given == "masks" else None
+    if k is not None:  # the built-in set's colours tell each pixel's class
+        print(f"mask -> image alignment {data.alignment_score(images, masks, k):.3f} (shuffled masks "
+              f"{data.alignment_score(images, masks.roll(1, 0), k):.3f}; real pairs "
+              f"{data.alignment_score(ds.images[:n], ds.masks[:n], k):.3f})")
     return out
 
 
@@ -1059,8 +1065,7 @@ def evaluate(real, fake, image_size=None, real_split="all", fake_split="all", ba
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
     for root in (real, fake):  # before any work: the real set's features take minutes
-        if str(root) != "synthetic" and not Path(root).is_dir():
-            raise data.DataError(f"{root}: dataset folder not found")
+        data.check_root(root)
     size = image_size or folder_image_size(fake)
     if size is None:
         size = 256
@@ -1120,9 +1125,10 @@ def evaluate(real, fake, image_size=None, real_split="all", fake_split="all", ba
               f"{fmt(r['fid'], 2):>10}{fmt(r['kid'], 4):>10}")
     if min(scores["n_real"], scores["n_fake"]) < 2048:
         print("warning: fewer than 2048 images in a set: FID is biased upwards there; compare sets of equal size")
-    if real == "synthetic":  # the built-in set's colours tell each pixel's class from the image alone
-        scores["alignment"] = data.alignment_score(fake_ds.images, fake_masks)
-        scores["alignment_shuffled"] = data.alignment_score(fake_ds.images, fake_masks.roll(1, 0))
+    k = data.synthetic_classes(real)
+    if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
+        scores["alignment"] = data.alignment_score(fake_ds.images, fake_masks, k)
+        scores["alignment_shuffled"] = data.alignment_score(fake_ds.images, fake_masks.roll(1, 0), k)
         print(f"alignment of the fake pairs {scores['alignment']:.3f} (shuffled masks {scores['alignment_shuffled']:.3f})")
     return dict(real=str(real), real_split=real_split, fake=str(fake), fake_split=fake_split, image_size=size,
                 real_features=how, **scores)

@@ -1687,3 +1687,36 @@ def test_given_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     assert "classes tool (200) have no class of that mask value" in err
     assert "unknown split" in cli_error(base + ["--given", "images", "--data", "synthetic", "--split", "x"], capsys)
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# synthetic:K, the built-in set with many classes
+
+
+@pytest.mark.parametrize("k", [13, 36])
+def test_synthetic_k_has_k_present_classes_that_the_image_tells(k):
+    val = PairedFolder(f"synthetic:{k}", 32, "val")
+    assert val.num_classes == k and [c["value"] for c in val.classes] == list(range(k))
+    assert (torch.bincount(val.masks.flatten().long(), minlength=k) > 0).all()  # each class in the split
+    real = data.alignment_score(val.images, val.masks, k)
+    shuffled = data.alignment_score(val.images, val.masks.roll(1, 0), k)
+    assert real >= 0.9 and shuffled < 0.7
+    # the classes' colours: distinct, at least 58 apart in some channel
+    colours = data.synthetic_colours(k)
+    gaps = np.abs(colours[:, None] - colours[None]).max(-1) + np.eye(k) * 999
+    assert gaps.min() >= 58
+    # deterministic across processes: another interpreter makes the same scene
+    code = f"import data, hashlib; i, m = data.synthetic_scene(7, 32, {k}); print(hashlib.sha256(i.tobytes() + m.tobytes()).hexdigest())"
+    other = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    image, mask = data.synthetic_scene(7, 32, k)
+    import hashlib
+    assert other.stdout.strip() == hashlib.sha256(image.tobytes() + mask.tobytes()).hexdigest()
+    assert np.array_equal(val.images[0].permute(1, 2, 0).numpy(), data.synthetic_scene(880, 32, k)[0])
+
+
+def test_synthetic_5_is_the_built_in_set_and_bad_k_is_one_line(tmp_path, capsys):
+    assert torch.equal(PairedFolder("synthetic:5", 16, "val").masks, PairedFolder("synthetic", 16, "val").masks)
+    for bad in ("synthetic:0", "synthetic:x", "synthetic:300"):
+        err = cli_error(["train", bad, "--preset", "tiny", "--out", str(tmp_path / "r")], capsys)
+        assert err == f"error: {bad}: use synthetic:K with K from 2 to 64 classes\n"
+    assert not (tmp_path / "r").exists()
