@@ -95,6 +95,20 @@ def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     return score.argmax(dim=-3)
 
 
+def min_distance(n: int, scheme: str = "cfl") -> float:
+    """The smallest Euclidean distance between two of the n class codes (inf for n = 1)."""
+    codes = palette(n, scheme).double()
+    return torch.cdist(codes, codes).fill_diagonal_(float("inf")).min().item()
+
+
+def ambiguous(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
+    """Pixels of a code image (..., 3, H, W) farther than half the smallest code distance from
+    every code: no code is clearly the nearest, so decoding them is a guess. -> bool (..., H, W)."""
+    codes = palette(n, scheme).to(device=x.device, dtype=torch.float32)
+    d2 = (x.float().movedim(-3, -1)[..., None, :] - codes).square().sum(-1)  # (..., H, W, n)
+    return d2.min(-1).values.sqrt() > min_distance(n, scheme) / 2
+
+
 def colorize(mask: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     """Class ids (..., H, W) -> uint8 RGB picture (..., H, W, 3) in the scheme's colours."""
     rgb = ((palette(n, scheme) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -519,7 +519,8 @@ def sampling_model(model, sp, device):
 @torch.no_grad()
 def generate(model, diffusion, cfg, sp, num_classes, n, generator, device, sampler="ddpm", steps=None,
              given=None, resample=1, batch=None):
-    """Sample n pairs -> images uint8 (n, 3, S, S), masks long (n, S, S) class ids, on the CPU.
+    """Sample n pairs -> images uint8 (n, 3, S, S), masks long (n, S, S) class ids, and the mask
+    pixels whose code was ambiguous (cfl.ambiguous), bool (n, S, S); all on the CPU.
 
     :param sampler, steps: GaussianDiffusion.sample_loop's; steps is ignored by ddpm (T steps)
     :param given: None, or ("images", uint8 (n, 3, S, S)) or ("masks", class ids (n, S, S)): that
@@ -544,9 +545,10 @@ def generate(model, diffusion, cfg, sp, num_classes, n, generator, device, sampl
                                   device)
     x = x[:n].float()  # (n, 3+3, S, S) in [-1, 1]
     mask = cfl.decode(x[:, 3:], num_classes, cfg.mask_scheme)  # cosine similarity to the lattice (§3.4)
+    unsure = cfl.ambiguous(x[:, 3:], num_classes, cfg.mask_scheme)
     if given is not None and given[0] == "masks":
-        mask = given[1].long().to(device)  # the given mask, class for class
-    return data.to_uint8(x[:, :3]).cpu(), mask.cpu()
+        mask, unsure = given[1].long().to(device), torch.zeros_like(unsure)  # the given mask, class for class
+    return data.to_uint8(x[:, :3]).cpu(), mask.cpu(), unsure.cpu()
 
 
 def grid(images, masks, num_classes, scheme):
@@ -852,7 +854,7 @@ def train_locked(cfg, out, explicit, rank, world, device):
             state["scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_path, state)
         pairs = generate(sampler, diffusion, cfg, sp, n_cls, cfg.sample_n, make_generator(device, 2, cfg.seed, 0),
-                         device, cfg.sampler, cfg.sampler_steps)
+                         device, cfg.sampler, cfg.sampler_steps)[:2]
         Image.fromarray(grid(*pairs, n_cls, cfg.mask_scheme)).save(out / f"grid_{step:07d}.png")
         return pairs
 
@@ -995,8 +997,8 @@ def write_pairs(out, stems, classes, scheme, batch_size, draw, force):
     prepare_output(out, files + ["grid.png", "boxes.json", "classes.json"], force)
     names, boxes, start, pairs = [c["name"] for c in classes], {}, time.time(), []
     for k, first in enumerate(range(0, len(stems), batch_size)):
-        images, masks = draw(k, first)
-        pairs.append((images, masks))
+        images, masks, unsure = draw(k, first)
+        pairs.append((images, masks, unsure))
         colours = cfl.colorize(masks, len(classes), scheme)
         for i, stem in enumerate(stems[first:first + len(images)]):
             Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(out / "images" / f"{stem}.png")
@@ -1011,7 +1013,10 @@ def write_pairs(out, stems, classes, scheme, batch_size, draw, force):
     # Names every class, present or not, so PairedFolder(out) keeps the training ids (data.py layout).
     (out / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
     print(f"{out}: {len(stems)} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    images, masks, unsure = (torch.cat(p) for p in zip(*pairs))
+    print(f"mask decoding: {unsure.float().mean().item():.2%} of pixels ambiguous (a code farther than half "
+          f"the smallest code distance, {cfl.min_distance(len(classes), scheme):.3f}, from every code)")
+    return images, masks
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -82,6 +82,19 @@ def test_cfl_decode_survives_noise_below_half_the_smallest_chord(n):
     assert cfl.decode((p[i] + towards).float().view(3, 1, 1), n).item() == j
 
 
+def test_min_distance_and_ambiguous_pixels_against_hand_values():
+    # gray with 3 classes: codes -1, 0, 1 on every channel, neighbours sqrt(3) apart
+    assert math.isclose(cfl.min_distance(3, "gray"), math.sqrt(3), rel_tol=1e-6)
+    # (0.4, 0.4, 0.4) is 0.69 from code 0, within half of it (0.87); (0.6, -0.6, 0.6) is 1.04 from
+    # code 0 and farther from the others: ambiguous; a code itself is not
+    x = torch.tensor([[0.4, 0.4, 0.4], [0.6, -0.6, 0.6], [1.0, 1.0, 1.0]]).view(3, 3, 1, 1)
+    assert cfl.ambiguous(x, 3, "gray").flatten().tolist() == [False, True, False]
+    # every code itself is unambiguous, in every scheme
+    for scheme in cfl.SCHEMES:
+        codes = cfl.palette(13, scheme)[:, :, None, None]  # (13, 3, 1, 1)
+        assert not cfl.ambiguous(codes, 13, scheme).any()
+
+
 def test_gray_codes_defeat_cosine_similarity():
     # Why the paper's grey masks collapse (§5.3): (v, v, v) codes all lie on one line.
     codes = cfl.palette(8, "gray")
@@ -980,8 +993,8 @@ def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_pa
     cfg = simgen.Config(**ckpt["config"])
     model = simgen.ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
-    images, masks = simgen.generate(model, simgen.GaussianDiffusion(cfg.timesteps), cfg, simgen.Speed(), 5, 3,
-                                    simgen.make_generator("cpu", 2, 1, 0), torch.device("cpu"), "ddim", 5)
+    images, masks, _ = simgen.generate(model, simgen.GaussianDiffusion(cfg.timesteps), cfg, simgen.Speed(), 5, 3,
+                                       simgen.make_generator("cpu", 2, 1, 0), torch.device("cpu"), "ddim", 5)
     assert torch.equal(back.images[:3], images) and torch.equal(back.masks[:3].long(), masks)
     boxes = json.loads((out / "boxes.json").read_text())
     assert sorted(boxes) == ["00000", "00001", "00002", "00003", "00004"]
