@@ -1205,7 +1205,7 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
     scaler = torch.amp.GradScaler(device.type, enabled=sp.amp == torch.float16)
     print(f"segmentation ResUNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{len(images)} training pairs at {cfg.image_size}x{cfg.image_size}; {device.type}")
-    start = last = time.time()
+    start = time.time()
     loss_sum, last_step = torch.zeros((), device=device), 0
     for step in range(cfg.steps):
         g = make_generator(device, 0, cfg.seed, step)  # batch and flips from (seed, step), as in train
@@ -1223,7 +1223,7 @@ def segment(train_roots, test_root, cfg, test_split="val", train_split=("train",
                 raise FloatingPointError(f"segment: loss is {mean} near step {step + 1}; try a lower --lr")
             print(f"step {step + 1}/{cfg.steps}  loss {mean:.4f}  {time.time() - start:.0f}s", flush=True)
             loss_sum.zero_()
-            last, last_step = time.time(), step + 1
+            last_step = step + 1
 
     model.eval()
     # Note: IoU of the test masks at S x S, resized and cropped as the images are, not at each file's size.

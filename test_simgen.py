@@ -1733,3 +1733,18 @@ def test_synthetic_5_is_the_built_in_set_and_bad_k_is_one_line(tmp_path, capsys)
         err = cli_error(["train", bad, "--preset", "tiny", "--out", str(tmp_path / "r")], capsys)
         assert err == f"error: {bad}: use synthetic:K with K from 2 to 64 classes\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_of_the_earlier_format_still_loads_samples_and_resumes(tiny_ckpt, tmp_path):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    old = {k: v for k, v in ckpt["config"].items() if k not in ("log_every", "sampler", "sampler_steps")}
+    ckpt["config"] = {**old, "log_seconds": 5.0, "sample_ddim_steps": 3}  # the fields before 2026-11-22
+    del ckpt["seconds"]
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    cfg = simgen.config_from(ckpt["config"])
+    assert (cfg.sampler, cfg.sampler_steps, cfg.log_every) == ("ddim", 3, simgen.Config().log_every)
+    out = simgen.sample(tmp_path / "run" / "ckpt.pt", tmp_path / "s", n=2, sampler="ddim", steps=3)
+    assert len(PairedFolder(out, 16, "all")) == 2
+    resumed = simgen.train(tiny(steps=6), tmp_path / "run", explicit={"steps"})
+    assert torch.load(resumed, weights_only=True)["step"] == 6
