@@ -45,7 +45,7 @@ import data
 import metrics
 
 VERSION = 1  # checkpoint format
-SAMPLERS = ("ddpm", "ddim", "dpm++")  # GaussianDiffusion.sample_loop's
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # GaussianDiffusion.sample_loop's
 
 
 # ----------------------------------------------------------------------------- config
@@ -346,7 +346,7 @@ class GaussianDiffusion:
         noise = torch.randn(x.shape, generator=generator, device=x.device)
         return x_prev + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise
 
-    def dpm_solver_sample(self, model, x, t, t_prev, previous=None):
+    def dpm_solver_sample(self, model, x, t, t_prev, previous=None, generator=None, stochastic=False):
         """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from t to t_prev < t.
 
         Deviation: an extension, not in the paper. It integrates the probability-flow ODE in
@@ -355,6 +355,10 @@ class GaussianDiffusion:
         alpha_bar_t)) taken from the checkpoint's own discrete schedule. x_theta is the
         clipped x_0 of DDPM Eq. 4; it is held linear in lambda between steps (second order),
         or constant (first order) at the first step and the last, which lands on x_0.
+        stochastic: SDE-DPM-Solver++(2M), the same multistep scheme for the reverse SDE instead of
+        the ODE (Lu's SDE variant, in diffusers as "sde-dpmsolver++"); its first-order step is
+        x_t = (s_t / s_s) e^{-h} x_s + a_t (1 - e^{-2h}) x_theta + s_t sqrt(1 - e^{-2h}) z, DDPM's
+        posterior sample. The noise corrects errors of the network that the ODE carries along.
         :param previous: (x_theta, lambda) of the step before, or None
         :return: (x_{t_prev}, (x_theta, lambda) of this step for the next one)
         """
@@ -370,8 +374,13 @@ class GaussianDiffusion:
             x0_before, lam_before = previous
             r = (lam - lam_before) / h
             d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_before
-        # Algorithm 2: x_{t_i} = (s_{t_i} / s_{t_{i-1}}) x_{t_{i-1}} - a_{t_i} (e^{-h_i} - 1) D_i
-        x_prev = ((1 - a_bar_prev) / (1 - a_bar)).sqrt() * x - a_bar_prev.sqrt() * torch.expm1(-h) * d
+        ratio = ((1 - a_bar_prev) / (1 - a_bar)).sqrt()  # s_{t_i} / s_{t_{i-1}}
+        if not stochastic:  # Algorithm 2: x_{t_i} = (s_{t_i} / s_{t_{i-1}}) x_{t_{i-1}} - a_{t_i} (e^{-h_i} - 1) D_i
+            return ratio * x - a_bar_prev.sqrt() * torch.expm1(-h) * d, (x0, lam)
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        decay = torch.exp(-2 * h)  # e^{-2h}; the SDE's D_i weighs the x_theta difference by 1/(2r) too
+        x_prev = ratio * h.neg().exp() * x + a_bar_prev.sqrt() * (1 - decay) * d + (1 - a_bar_prev).sqrt() * (
+            1 - decay).sqrt() * noise
         return x_prev, (x0, lam)
 
     def _alpha_bar(self, t, x):
@@ -390,7 +399,7 @@ class GaussianDiffusion:
         """
         if sampler == "ddpm":
             return list(range(self.num_timesteps - 1, -1, -1))
-        if (spacing or ("lambda" if sampler == "dpm++" else "t")) == "t":
+        if (spacing or ("lambda" if sampler.startswith("dpm++") else "t")) == "t":
             ts = np.linspace(0, self.num_timesteps - 1, steps).round().astype(np.int64)
         else:
             a_bar = self.alphas_cumprod.double().cpu().numpy()
@@ -408,9 +417,9 @@ class GaussianDiffusion:
     @torch.no_grad()
     def sample_loop(self, model, shape, sampler="ddpm", steps=None, known=None, keep=None, resample=1,
                     generator=None, device=None):
-        """x_T ~ N(0, I) -> x_0 (shape) in [-1, 1] with sampler "ddpm" (Algorithm 2), "ddim" (eta = 0)
-        or "dpm++" (DPM-Solver++(2M)) on sampling_timesteps(sampler, steps), or on `steps` itself
-        when it is a list of descending timesteps.
+        """x_T ~ N(0, I) -> x_0 (shape) in [-1, 1] with sampler "ddpm" (Algorithm 2), "ddim" (eta = 0),
+        "dpm++" (DPM-Solver++(2M)) or "dpm++sde" (its SDE form) on sampling_timesteps(sampler,
+        steps), or on `steps` itself when it is a list of descending timesteps.
 
         Conditional sampling (an extension; RePaint, Lugmayr et al. 2022, Algorithm 1): the channels
         where `keep` (bool, broadcastable to shape) is True are given by `known` (shape, in [-1, 1]).
@@ -433,12 +442,13 @@ class GaussianDiffusion:
                     x_prev = self.p_sample(model, x, t, generator)["sample"]
                 elif sampler == "ddim":
                     x_prev = self.ddim_sample(model, x, t, t_prev)
-                else:
-                    x_prev, state = self.dpm_solver_sample(model, x, t, t_prev, history)
+                else:  # dpm++ or dpm++sde
+                    x_prev, state = self.dpm_solver_sample(model, x, t, t_prev, history, generator,
+                                                           stochastic=sampler == "dpm++sde")
                 if r + 1 < resample and i_prev >= 0:  # RePaint line 9: back up to level t, again
                     x = self.q_resample(x_prev, t_prev, t, generator)
             x = x_prev
-            history = state if sampler == "dpm++" else None
+            history = state if sampler.startswith("dpm++") else None
         return torch.where(keep, known, x) if known is not None else x
 
 
@@ -1376,7 +1386,7 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
                         sampler, k)
     draw("ddim", 2)  # warm-up (and compilation) with a 2-step run: a 250-step one would double a CPU's time
     res["sample"] = {}
-    for sampler, k in (("ddpm", cfg.timesteps), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)):
+    for sampler, k in (("ddpm", cfg.timesteps), ("ddim", 50), ("dpm++", 20), ("dpm++", 10), ("dpm++sde", 20)):
         k = min(k, cfg.timesteps)
         seconds = timed(lambda: draw(sampler, k), repeats, device, warmup=False)
         res["sample"][f"{sampler}_{k}_s"] = seconds

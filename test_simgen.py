@@ -1389,7 +1389,7 @@ def test_bench_writes_every_number(tmp_path, capsys):
     for v in measured.values():
         assert v["images_per_s"] > 0 and v["step_s"] > 0 and v["tflops"] > 0
     assert res["train_flops_per_step"] > 0 and res["data_images_per_s"] > 0
-    assert set(res["sample"]) == {f"ddpm_{TINY.timesteps}_s", "ddim_50_s", "dpm++_20_s", "dpm++_10_s"}
+    assert set(res["sample"]) == {f"ddpm_{TINY.timesteps}_s", "ddim_50_s", "dpm++_20_s", "dpm++_10_s", "dpm++sde_20_s"}
     assert all(v > 0 for v in res["sample"].values())
     assert res["fid"]["hand_rolled_images_per_s"] > 0
     assert res["fid"]["reference_images_per_s"] is None or res["fid"]["reference_images_per_s"] > 0
@@ -1748,3 +1748,19 @@ def test_a_checkpoint_of_the_earlier_format_still_loads_samples_and_resumes(tiny
     assert len(PairedFolder(out, 16, "all")) == 2
     resumed = simgen.train(tiny(steps=6), tmp_path / "run", explicit={"steps"})
     assert torch.load(resumed, weights_only=True)["step"] == 6
+
+
+def test_sde_dpm_solver_samples_the_data_distribution_of_a_gaussian():
+    # Data N(mu, s^2) with the optimal eps: the reverse SDE's samples have mean mu and std s
+    # (the ODE maps x_T to them deterministically; the SDE draws fresh noise and must agree).
+    d, mu, s = float64_diffusion(250), 0.1, 0.2
+
+    def eps(x, t):
+        at = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (1 - at).sqrt() * (x - at.sqrt() * mu) / (at * s * s + 1 - at)
+    x = d.sample_loop(eps, (4000, 1, 1, 1), "dpm++sde", 20, generator=torch.Generator().manual_seed(0)).double()
+    assert abs(x.mean().item() - mu) < 0.01 and abs(x.std().item() / s - 1) < 0.05
+    g, reference = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    d.sample_loop(eps, (4, 1, 1, 1), "dpm++sde", 5, generator=g)
+    torch.randn((4, 1, 1, 1), generator=reference)
+    assert not torch.equal(g.get_state(), reference.get_state())  # it does draw noise after x_T
