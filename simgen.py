@@ -365,7 +365,9 @@ class GaussianDiffusion:
         x0 = self.p_mean_variance(model, x, t)["pred_xstart"]  # x_theta(x_t, t), in [-1, 1]
         a_bar, a_bar_prev = self._extract(self.alphas_cumprod, t, x), self._alpha_bar(t_prev, x)
         lam = 0.5 * (a_bar / (1 - a_bar)).log()  # lambda_t = log(a_t / s_t)
-        if bool((t_prev < 0).all()):  # to x_0: s = 0, lambda = inf, e^{-h} = 0: x_0 = x_theta
+        # To x_0: s = 0, lambda = inf, e^{-h} = 0, so x_0 = x_theta. (A host sync per step on CUDA,
+        # short beside one U-Net call.)
+        if bool((t_prev < 0).all()):
             return x0, (x0, lam)
         lam_prev = 0.5 * (a_bar_prev / (1 - a_bar_prev)).log()
         h = lam_prev - lam  # Algorithm 2: h_i = lambda_{t_i} - lambda_{t_{i-1}} > 0
@@ -377,11 +379,12 @@ class GaussianDiffusion:
         ratio = ((1 - a_bar_prev) / (1 - a_bar)).sqrt()  # s_{t_i} / s_{t_{i-1}}
         if not stochastic:  # Algorithm 2: x_{t_i} = (s_{t_i} / s_{t_{i-1}}) x_{t_{i-1}} - a_{t_i} (e^{-h_i} - 1) D_i
             return ratio * x - a_bar_prev.sqrt() * torch.expm1(-h) * d, (x0, lam)
+        # The SDE step, with D_i as above: (s_{t_i} / s_{t_{i-1}}) e^{-h_i} x_{t_{i-1}}
+        # + a_{t_i} (1 - e^{-2 h_i}) D_i + s_{t_i} sqrt(1 - e^{-2 h_i}) z
         noise = torch.randn(x.shape, generator=generator, device=x.device)
-        decay = torch.exp(-2 * h)  # e^{-2h}; the SDE's D_i weighs the x_theta difference by 1/(2r) too
-        x_prev = ratio * h.neg().exp() * x + a_bar_prev.sqrt() * (1 - decay) * d + (1 - a_bar_prev).sqrt() * (
-            1 - decay).sqrt() * noise
-        return x_prev, (x0, lam)
+        decay = torch.exp(-2 * h)  # e^{-2h}
+        mean = ratio * torch.exp(-h) * x + a_bar_prev.sqrt() * (1 - decay) * d
+        return mean + (1 - a_bar_prev).sqrt() * (1 - decay).sqrt() * noise, (x0, lam)
 
     def _alpha_bar(self, t, x):
         """alpha_bar_t broadcast against x, with alpha_bar = 1 at t = -1 (x_0, no noise)."""
