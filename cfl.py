@@ -14,6 +14,7 @@ beside it behind `scheme`:
 Depends on torch only, so this file can be copied into another project alone.
 """
 
+import functools
 import math
 
 import torch
@@ -63,13 +64,22 @@ def palette(n: int, scheme: str = "cfl") -> torch.Tensor:
     raise ValueError(f"unknown mask scheme {scheme!r}; choose one of {SCHEMES}")
 
 
-def encode(mask: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
-    """Class ids (..., H, W) -> colour-coded mask (..., 3, H, W) in [-1, 1], float32."""
+@functools.lru_cache(maxsize=None)
+def _palette_on(n: int, scheme: str, device: torch.device) -> torch.Tensor:
+    # The palette made once per device: a copy to a GPU waits for the work queued there.
+    return palette(n, scheme).to(device)
+
+
+def encode(mask: torch.Tensor, n: int, scheme: str = "cfl", check: bool = True) -> torch.Tensor:
+    """Class ids (..., H, W) -> colour-coded mask (..., 3, H, W) in [-1, 1], float32.
+
+    check=False skips the range check of the ids, for masks already checked: it reads the
+    mask's min and max, which on a GPU waits for the work queued there.
+    """
     mask = mask.long()
-    if mask.numel() and (mask.min() < 0 or mask.max() >= n):
+    if check and mask.numel() and (mask.min() < 0 or mask.max() >= n):
         raise ValueError(f"mask holds class ids outside 0..{n - 1}")
-    codes = palette(n, scheme).to(mask.device)
-    return codes[mask].movedim(-1, -3)  # (..., H, W, 3) -> (..., 3, H, W)
+    return _palette_on(n, scheme, mask.device)[mask].movedim(-1, -3)  # (..., 3, H, W)
 
 
 def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
@@ -87,11 +97,15 @@ def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     """
     codes = palette(n, scheme).to(device=x.device, dtype=x.dtype)
     if scheme == "cfl":
-        x_unit = torch.nn.functional.normalize(x, dim=-3)  # cosine similarity = dot product of unit vectors
+        x_unit = torch.nn.functional.normalize(
+            x, dim=-3
+        )  # cosine similarity = dot product of unit vectors
         score = torch.einsum("...chw,kc->...khw", x_unit, codes)  # (..., n, H, W)
     else:
         # -|x - c|^2 up to the term |x|^2, which is the same for every class.
-        score = 2 * torch.einsum("...chw,kc->...khw", x, codes) - (codes * codes).sum(1)[:, None, None]
+        score = (
+            2 * torch.einsum("...chw,kc->...khw", x, codes) - (codes * codes).sum(1)[:, None, None]
+        )
     return score.argmax(dim=-3)
 
 

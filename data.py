@@ -13,11 +13,13 @@ contiguous class ids 0..K-1, and `classes` keeps each id's value for writing mas
 Each file is decoded once per image_size and the uint8 tensors are cached with torch.save in
 $SIMGEN_CACHE (default ~/.cache/simgen), never inside the dataset folder, which may be read-only.
 """
+
 import glob
 import hashlib
 import json
 import os
 import time
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class DataError(Exception):
 
 # ---------------------------------------------------------------------------- one image/mask pair
 
+
 def _open(path):
     """Open and fully decode an image file, so that a truncated file fails here."""
     try:
@@ -52,7 +55,9 @@ def _open(path):
 def _to_rgb(im):
     """Any PIL mode -> RGB. 16-bit grey is scaled to 8 bit (65535 -> 255); PIL alone would clip it."""
     if im.mode.startswith("I"):  # I;16, I;16B and I: how PIL opens 16-bit PNG and TIFF
-        im = Image.fromarray(np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+        im = Image.fromarray(
+            np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
+        )
     return im.convert("RGB")  # L, LA, 1, P (through its palette), RGBA (alpha dropped), CMYK
 
 
@@ -72,7 +77,8 @@ def _mask_codes(im, path):
 def _geometry(w, h, size):
     """Shorter side -> size, then centre crop: returns the resized (w, h) and the crop's (left, top)."""
     scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))  # max: rounding must not undershoot
+    nw = max(size, round(w * scale))  # max: rounding must not undershoot
+    nh = max(size, round(h * scale))
     return nw, nh, (nw - size) // 2, (nh - size) // 2
 
 
@@ -98,16 +104,23 @@ def _decode_pair(job):
     image_path, mask_path, size = job
     im, mk = _open(image_path), _open(mask_path)
     if im.size != mk.size:
-        raise DataError(f"{mask_path}: mask is {mk.size[0]}x{mk.size[1]} but its image is {im.size[0]}x{im.size[1]}")
+        raise DataError(
+            f"{mask_path}: mask is {mk.size[0]}x{mk.size[1]} but its image is {im.size[0]}x{im.size[1]}"
+        )
     full = _mask_codes(mk, mask_path)
     # Note: values are collected at full size, so the classes do not depend on image_size
     codes = np.unique(full)  # without return_inverse, which argsorts and is 10x slower
     if len(codes) > 256:
         raise DataError(f"{mask_path}: {len(codes)} distinct mask values, more than 256 classes")
-    return _fit_image(_to_rgb(im), size), codes, np.searchsorted(codes, _fit_mask(full, size)).astype(np.uint8)
+    return (
+        _fit_image(_to_rgb(im), size),
+        codes,
+        np.searchsorted(codes, _fit_mask(full, size)).astype(np.uint8),
+    )
 
 
 # ---------------------------------------------------------------------------- a dataset folder
+
 
 def _files(folder):
     """{stem: path} of the image files in folder."""
@@ -127,11 +140,16 @@ def _pairs(root):
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     images, masks = _files(root / "images"), _files(root / "masks")
-    for have, lack, what, where in ((images, masks, "images", "masks"), (masks, images, "masks", "images")):
+    for have, lack, what, where in (
+        (images, masks, "images", "masks"),
+        (masks, images, "masks", "images"),
+    ):
         lonely = sorted(set(have) - set(lack))
         if lonely:
-            raise DataError(f"{root / where}: nothing for {len(lonely)} of {len(have)} {what} "
-                            f"(e.g. {', '.join(lonely[:3])})")
+            raise DataError(
+                f"{root / where}: nothing for {len(lonely)} of {len(have)} {what} "
+                f"(e.g. {', '.join(lonely[:3])})"
+            )
     return [(s, images[s], masks[s]) for s in sorted(images)]
 
 
@@ -143,13 +161,18 @@ def _classes_json(path):
         spec = json.loads(path.read_text())
         grey = all(type(v) is int for v in spec.values())  # else every value must be [r, g, b]
         rgb = [[v] * 3 if grey else v for v in spec.values()]
-        codes = [v[0] << 16 | v[1] << 8 | v[2] for v in rgb
-                 if type(v) is list and len(v) == 3 and all(type(c) is int and 0 <= c <= 255 for c in v)]
+        codes = [
+            v[0] << 16 | v[1] << 8 | v[2]
+            for v in rgb
+            if type(v) is list and len(v) == 3 and all(type(c) is int and 0 <= c <= 255 for c in v)
+        ]
     except (ValueError, AttributeError):  # not JSON, or not an object
         codes = None
     if codes is None or not 0 < len(codes) == len(set(codes)) == len(spec) <= 256:
-        raise DataError(f'{path}: expected {{"name": grey 0-255, ...}} or {{"name": [r, g, b], ...}}, '
-                        "at most 256 distinct values")
+        raise DataError(
+            f'{path}: expected {{"name": grey 0-255, ...}} or {{"name": [r, g, b], ...}}, '
+            "at most 256 distinct values"
+        )
     return dict(zip(spec, codes)), grey
 
 
@@ -168,10 +191,18 @@ def _decode_folder(root, pairs, size):
     else:  # starting a pool costs more than it saves on small datasets
         out = [_decode_pair(job) for job in jobs]
     if named is None:  # the values found, sorted; JPEG masks are binary even if a class is absent
-        lossy = [0, 255 * GREY] if any(m.suffix.lower() in (".jpg", ".jpeg") for _, _, m in pairs) else []
-        table = np.unique(np.concatenate([codes for _, codes, _ in out] + [np.array(lossy, np.uint32)])).tolist()
+        lossy = (
+            [0, 255 * GREY]
+            if any(m.suffix.lower() in (".jpg", ".jpeg") for _, _, m in pairs)
+            else []
+        )
+        table = np.unique(
+            np.concatenate([codes for _, codes, _ in out] + [np.array(lossy, np.uint32)])
+        ).tolist()
         if len(table) > 256:
-            raise DataError(f"{root / 'masks'}: {len(table)} distinct mask values in all, more than 256 classes")
+            raise DataError(
+                f"{root / 'masks'}: {len(table)} distinct mask values in all, more than 256 classes"
+            )
         grey = all(c == (c & 255) * GREY for c in table)
         named = {"background" if c == 0 else f"class_{i}": c for i, c in enumerate(table)}
     index = {c: i for i, c in enumerate(named.values())}
@@ -179,16 +210,27 @@ def _decode_folder(root, pairs, size):
     for (_, _, mask_path), (_, codes, local) in zip(pairs, out):
         unknown = [_value(c, c == (c & 255) * GREY) for c in codes.tolist() if c not in index]
         if unknown:
-            raise DataError(f"{mask_path}: mask values {unknown[:5]} are not in {root / 'classes.json'}")
-        masks.append(np.array([index[c] for c in codes.tolist()], np.uint8)[local])  # file's index -> class id
-    classes = [{"id": i, "name": n, "value": _value(c, grey)} for i, (n, c) in enumerate(named.items())]
+            raise DataError(
+                f"{mask_path}: mask values {unknown[:5]} are not in {root / 'classes.json'}"
+            )
+        masks.append(
+            np.array([index[c] for c in codes.tolist()], np.uint8)[local]
+        )  # file's index -> class id
+    classes = [
+        {"id": i, "name": n, "value": _value(c, grey)} for i, (n, c) in enumerate(named.items())
+    ]
     return _pack([image for image, _, _ in out], masks, [s for s, _, _ in pairs], classes)
 
 
 def _pack(images, masks, stems, classes):
     """Lists of (S, S, 3) images and (S, S) masks -> the dataset dict of uint8 tensors."""
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-    return {"images": images, "masks": torch.from_numpy(np.stack(masks)), "stems": stems, "classes": classes}
+    return {
+        "images": images,
+        "masks": torch.from_numpy(np.stack(masks)),
+        "stems": stems,
+        "classes": classes,
+    }
 
 
 def cache_file(name, key, suffix):
@@ -217,12 +259,14 @@ def save_cache(path, save):
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         if path.parent not in _cache_warned:
             _cache_warned.append(path.parent)
-            print(f"warning: {path.parent}: cache not writable ({reason}); carrying on uncached "
-                  "(set SIMGEN_CACHE to a writable folder)")
+            print(
+                f"warning: {path.parent}: cache not writable ({reason}); carrying on uncached "
+                "(set SIMGEN_CACHE to a writable folder)"
+            )
         if tmp.exists():
             tmp.unlink(missing_ok=True)
         return False
-    name, suffix = path.name[:-len(path.suffix) - 17], path.suffix  # strip "-<16 hex><suffix>"
+    name, suffix = path.name[: -len(path.suffix) - 17], path.suffix  # strip "-<16 hex><suffix>"
     for old in set(path.parent.glob(glob.escape(name) + "-" + "?" * 16 + suffix)) - {path}:
         old.unlink(missing_ok=True)
     return True
@@ -248,7 +292,9 @@ def _split(root, stems, split):
     """Indices into the sorted stems: from root/<split>.txt if root has split files, else by position."""
     if split not in SPLITS:
         raise DataError(f"{split}: unknown split, use one of {', '.join(SPLITS)}")
-    files = {s: Path(root) / f"{s}.txt" for s in SPLITS[:3]} if synthetic_classes(root) is None else {}
+    files = (
+        {s: Path(root) / f"{s}.txt" for s in SPLITS[:3]} if synthetic_classes(root) is None else {}
+    )
     if split == "all":
         return list(range(len(stems)))
     if any(p.exists() for p in files.values()):
@@ -257,12 +303,20 @@ def _split(root, stems, split):
         wanted = {line.strip() for line in files[split].read_text().splitlines() if line.strip()}
         unknown = sorted(wanted - set(stems))
         if unknown:
-            raise DataError(f"{files[split]}: {len(unknown)} stems have no pair (e.g. {', '.join(unknown[:3])})")
+            raise DataError(
+                f"{files[split]}: {len(unknown)} stems have no pair (e.g. {', '.join(unknown[:3])})"
+            )
         return [i for i, s in enumerate(stems) if s in wanted]
     if split == "test":
         raise DataError(f"{root}: no test split (no test.txt); use train, val or all")
-    n_val = round(VAL_FRACTION * len(stems))  # the last stems, so adding files later moves few pairs
-    return list(range(len(stems) - n_val)) if split == "train" else list(range(len(stems) - n_val, len(stems)))
+    n_val = round(
+        VAL_FRACTION * len(stems)
+    )  # the last stems, so adding files later moves few pairs
+    return (
+        list(range(len(stems) - n_val))
+        if split == "train"
+        else list(range(len(stems) - n_val, len(stems)))
+    )
 
 
 class PairedFolder(torch.utils.data.Dataset):
@@ -281,8 +335,12 @@ class PairedFolder(torch.utils.data.Dataset):
         if k is not None:  # the built-in set, 5 classes or synthetic:K
             stems = [f"{i:04d}" for i in range(SYNTHETIC_SIZE)]
             name = f"synthetic-{image_size}" if k == 5 else f"synthetic{k}-{image_size}"
-            key = ("synthetic", CACHE_VERSION, image_size) if k == 5 else ("synthetic", k, CACHE_VERSION, image_size)
-            build = lambda: _synthetic(image_size, k)
+            key = (
+                ("synthetic", CACHE_VERSION, image_size)
+                if k == 5
+                else ("synthetic", k, CACHE_VERSION, image_size)
+            )
+            build = partial(_synthetic, image_size, k)
         else:
             folder = Path(root)
             pairs = _pairs(folder)
@@ -290,24 +348,37 @@ class PairedFolder(torch.utils.data.Dataset):
             # The key is the files' content, not their size and mtime, which a same-size copy
             # with kept times (cp -p, rsync -t) leaves alone: hashing Kvasir-SEG's 2000 files,
             # 55 MB, takes 0.07-0.33 s, against 10 s to decode them.
-            content = [(f"{p.parent.name}/{p.name}", hashlib.sha256(p.read_bytes()).hexdigest())
-                       for _, image, mask in pairs for p in (image, mask)]
-            spec = (folder / "classes.json").read_bytes() if (folder / "classes.json").exists() else None
+            content = [
+                (f"{p.parent.name}/{p.name}", hashlib.sha256(p.read_bytes()).hexdigest())
+                for _, image, mask in pairs
+                for p in (image, mask)
+            ]
+            spec = (
+                (folder / "classes.json").read_bytes()
+                if (folder / "classes.json").exists()
+                else None
+            )
             real = folder.resolve()
             key = (CACHE_VERSION, image_size, spec, content)
             # the file name tells folders of the same name apart, and sizes, for deleting stale files
             name = f"{real.name}-{hashlib.sha256(str(real).encode()).hexdigest()[:8]}-{image_size}"
-            build = lambda: _decode_folder(folder, pairs, image_size)
-        index = torch.tensor(_split(self.root, stems, split), dtype=torch.long)  # a bad split fails fast
+            build = partial(_decode_folder, folder, pairs, image_size)
+        index = torch.tensor(
+            _split(self.root, stems, split), dtype=torch.long
+        )  # a bad split fails fast
         if not len(index):
-            raise DataError(f"{self.root}: no pairs in its {split} split ({len(stems)} pairs in all)")
+            raise DataError(
+                f"{self.root}: no pairs in its {split} split ({len(stems)} pairs in all)"
+            )
         data, how = _cached(name, key, build)
         self.images, self.masks = data["images"][index], data["masks"][index]
         self.stems = [data["stems"][i] for i in index.tolist()]
         self.classes, self.num_classes = data["classes"], len(data["classes"])
-        print(f"{self.root} [{split}]: {len(self)} of {len(stems)} pairs at {image_size}x{image_size}, {how} "
-              f"({time.time() - start:.1f}s); {self.num_classes} classes: "
-              + ", ".join(f"{c['id']}={c['name']}({c['value']})" for c in self.classes))
+        print(
+            f"{self.root} [{split}]: {len(self)} of {len(stems)} pairs at {image_size}x{image_size}, {how} "
+            f"({time.time() - start:.1f}s); {self.num_classes} classes: "
+            + ", ".join(f"{c['id']}={c['name']}({c['value']})" for c in self.classes)
+        )
 
     def __len__(self):
         return len(self.images)
@@ -336,8 +407,10 @@ def flip(images, masks, generator=None):
     device = generator.device if generator is not None else images.device
     # drawn where the generator lives (usually the CPU), then moved: one seed, same flips on any device
     coin = (torch.rand(images.shape[0], generator=generator, device=device) < 0.5).to(images.device)
-    return (torch.where(coin[:, None, None, None], images.flip(-1), images),
-            torch.where(coin[:, None, None], masks.flip(-1), masks))
+    return (
+        torch.where(coin[:, None, None, None], images.flip(-1), images),
+        torch.where(coin[:, None, None], masks.flip(-1), masks),
+    )
 
 
 def mask_to_values(mask_ids, classes):
@@ -346,11 +419,53 @@ def mask_to_values(mask_ids, classes):
     return table[mask_ids.cpu().numpy() if torch.is_tensor(mask_ids) else np.asarray(mask_ids)]
 
 
+def connected_boxes(mask):
+    """Bounding boxes of the 4-connected regions of each class: the paper's "coordinate extraction".
+
+    :param mask: (H, W) class ids, tensor or numpy
+    :return: {class id: [[x0, y0, x1, y1], ...]}, inclusive pixel coordinates, regions in raster order
+    """
+    m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+    h, w = m.shape
+    label = np.arange(h * w).reshape(
+        h, w
+    )  # each pixel starts as its own region, named by its index
+    same_v, same_h = m[1:] == m[:-1], m[:, 1:] == m[:, :-1]
+    while True:
+        # Each pixel takes the smallest label among itself and its same-class 4-neighbours ...
+        new = label.copy()
+        np.minimum(new[1:], np.where(same_v, label[:-1], new[1:]), out=new[1:])
+        np.minimum(new[:-1], np.where(same_v, label[1:], new[:-1]), out=new[:-1])
+        np.minimum(new[:, 1:], np.where(same_h, label[:, :-1], new[:, 1:]), out=new[:, 1:])
+        np.minimum(new[:, :-1], np.where(same_h, label[:, 1:], new[:, :-1]), out=new[:, :-1])
+        new = new.ravel()[new]  # ... then jumps to its label's label, which halves long chains
+        if np.array_equal(new, label):
+            break
+        label = new
+    roots, inverse = np.unique(
+        label.ravel(), return_inverse=True
+    )  # root = the region's first pixel
+    ys, xs = np.divmod(np.arange(h * w), w)
+    box = np.tile(
+        np.array([w, h, -1, -1]), (len(roots), 1)
+    )  # min x, min y, max x, max y per region
+    for col, (reduce, coord) in enumerate(
+        [(np.minimum, xs), (np.minimum, ys), (np.maximum, xs), (np.maximum, ys)]
+    ):
+        reduce.at(box[:, col], inverse, coord)
+    out = {}
+    for root, b in zip(roots, box.tolist()):
+        out.setdefault(int(m.flat[root]), []).append(b)
+    return dict(sorted(out.items()))
+
+
 # ---------------------------------------------------------------------------- built-in synthetic data
 
 SYNTHETIC_CLASSES = ("tissue", "organ", "fat", "tool_shaft", "tool_tip")
 # mean colour of each class, RGB 0-255, far apart; the textures below are luminance, roughly zero-mean
-SYNTHETIC_RGB = np.array([[205, 110, 105], [120, 35, 50], [230, 195, 85], [160, 170, 185], [40, 45, 60]], np.float64)
+SYNTHETIC_RGB = np.array(
+    [[205, 110, 105], [120, 35, 50], [230, 195, 85], [160, 170, 185], [40, 45, 60]], np.float64
+)
 SYNTHETIC_SIZE = 1000
 
 
@@ -362,9 +477,13 @@ def synthetic_pair(index, size):
     """
     rng = np.random.default_rng([2024, index])
     v, u = (np.mgrid[0:size, 0:size] + 0.5) / size  # pixel centres in [0, 1]; v down, u right
-    mask, tool = np.zeros((size, size), np.uint8), np.zeros((2, size, size))  # tool: (across, along)
+    mask = np.zeros((size, size), np.uint8)
+    tool = np.zeros((2, size, size))  # tool coordinates: (across, along)
     # organs (large) and fat (small): smooth blobs of radius r(θ) = r0 (1 + Σ_k a_k cos(kθ + φ_k))
-    for cls, count, (r_lo, r_hi) in ((1, rng.integers(1, 4), (0.18, 0.32)), (2, rng.integers(0, 3), (0.08, 0.16))):
+    for cls, count, (r_lo, r_hi) in (
+        (1, rng.integers(1, 4), (0.18, 0.32)),
+        (2, rng.integers(0, 3), (0.08, 0.16)),
+    ):
         for _ in range(count):
             cx, cy, r0 = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(r_lo, r_hi)
             a, phase = rng.uniform(0, 0.15, 3), rng.uniform(0, 2 * np.pi, 3)
@@ -374,7 +493,12 @@ def synthetic_pair(index, size):
     # tools: straight shafts entering from a border, ending in a jaw that tapers to its end
     for _ in range(rng.integers(1, 3)):
         side, t = rng.integers(4), rng.uniform(0.2, 0.8)
-        (x0, y0), angle = [((t, 0), np.pi / 2), ((1, t), np.pi), ((t, 1), -np.pi / 2), ((0, t), 0.0)][side]
+        (x0, y0), angle = [
+            ((t, 0), np.pi / 2),
+            ((1, t), np.pi),
+            ((t, 1), -np.pi / 2),
+            ((0, t), 0.0),
+        ][side]
         angle += rng.uniform(-0.6, 0.6)  # pointing inwards, give or take 35 degrees
         length, jaw, half = rng.uniform(0.35, 0.6), rng.uniform(0.1, 0.16), rng.uniform(0.05, 0.08)
         along = (u - x0) * np.cos(angle) + (v - y0) * np.sin(angle)
@@ -384,15 +508,23 @@ def synthetic_pair(index, size):
         tip = (along >= length) & (along < length + jaw) & (np.abs(across) < taper)
         mask[shaft], mask[tip] = 3, 4
         tool[:, shaft | tip] = across[shaft | tip] / half, (along[shaft | tip] - length) / jaw
-    wave = lambda lo, hi: np.sin(2 * np.pi * (rng.uniform(lo, hi) * u + rng.uniform(lo, hi) * v) + rng.uniform(0, 7))
-    texture = np.stack([  # one per class, so each class differs in texture as well as colour
-        12 * wave(1, 3),  # tissue: broad folds
-        16 * wave(4, 7) * wave(4, 7),  # organ: mottled
-        20 * np.cos(16 * np.pi * u) * np.cos(16 * np.pi * v),  # fat: lobules on an 8 x 8 grid
-        30 * np.sin(np.pi / 2 * tool[0]),  # shaft: a lit cylinder, bright on one side
-        15 * np.cos(4 * np.pi * tool[1]),  # tip: two grip ridges across the jaw
-    ])
-    light = np.take_along_axis(texture, mask[None].astype(np.int64), 0)[0] + rng.normal(0, 4, (size, size))
+
+    def wave(lo, hi):  # a plane wave of random direction, frequency (lo..hi cycles) and phase
+        fu, fv = rng.uniform(lo, hi), rng.uniform(lo, hi)
+        return np.sin(2 * np.pi * (fu * u + fv * v) + rng.uniform(0, 7))
+
+    texture = np.stack(
+        [  # one per class, so each class differs in texture as well as colour
+            12 * wave(1, 3),  # tissue: broad folds
+            16 * wave(4, 7) * wave(4, 7),  # organ: mottled
+            20 * np.cos(16 * np.pi * u) * np.cos(16 * np.pi * v),  # fat: lobules on an 8 x 8 grid
+            30 * np.sin(np.pi / 2 * tool[0]),  # shaft: a lit cylinder, bright on one side
+            15 * np.cos(4 * np.pi * tool[1]),  # tip: two grip ridges across the jaw
+        ]
+    )
+    light = np.take_along_axis(texture, mask[None].astype(np.int64), 0)[0] + rng.normal(
+        0, 4, (size, size)
+    )
     image = SYNTHETIC_RGB[mask] + light[..., None]  # (S, S, 3)
     return np.round(image).clip(0, 255).astype(np.uint8), mask
 
@@ -430,7 +562,7 @@ def synthetic_colours(k):
     """
     if k == 5:
         return SYNTHETIC_RGB
-    n = next(n for n in range(2, 5) if n ** 3 >= k)
+    n = next(n for n in range(2, 5) if n**3 >= k)
     levels = np.linspace(40, 215, n)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
     return grid[np.random.default_rng(k).permutation(len(grid))[:k]]
@@ -457,12 +589,18 @@ def synthetic_scene(index, size, k):
             inside = (np.abs(along) < 2 * r0) & (np.abs(across) < r0 / 2)
         else:  # a blob, r(theta) = r0 (1 + a cos(3 theta + phase))
             theta = np.arctan2(across, along)
-            inside = np.hypot(along, across) < r0 * (1 + rng.uniform(0, 0.2) * np.cos(3 * theta + rng.uniform(0, 7)))
+            inside = np.hypot(along, across) < r0 * (
+                1 + rng.uniform(0, 0.2) * np.cos(3 * theta + rng.uniform(0, 7))
+            )
         mask[inside] = c
     ids = np.arange(k)[:, None, None]
     turn = ids * 2.39996  # the golden angle: neighbouring ids get far-apart stripe directions
-    texture = 6 * np.sin(2 * np.pi * (2 + ids % 5) * (u * np.cos(turn) + v * np.sin(turn)))  # (k, S, S)
-    light = np.take_along_axis(texture, mask[None].astype(np.int64), 0)[0] + rng.normal(0, 4, (size, size))
+    texture = 6 * np.sin(
+        2 * np.pi * (2 + ids % 5) * (u * np.cos(turn) + v * np.sin(turn))
+    )  # (k, S, S)
+    light = np.take_along_axis(texture, mask[None].astype(np.int64), 0)[0] + rng.normal(
+        0, 4, (size, size)
+    )
     image = synthetic_colours(k)[mask] + light[..., None]
     return np.round(image).clip(0, 255).astype(np.uint8), mask
 
@@ -470,11 +608,16 @@ def synthetic_scene(index, size, k):
 def _synthetic(size, k=5):
     """The built-in dataset with k classes as a dataset dict; class values are the ids (grey
     class-index PNGs)."""
-    make = synthetic_pair if k == 5 else (lambda i, s: synthetic_scene(i, s, k))
+    make = synthetic_pair if k == 5 else partial(synthetic_scene, k=k)
     pairs = [make(i, size) for i in range(SYNTHETIC_SIZE)]
     names = SYNTHETIC_CLASSES if k == 5 else ["tissue", *(f"class_{c:02d}" for c in range(1, k))]
     classes = [{"id": i, "name": n, "value": i} for i, n in enumerate(names)]
-    return _pack([p[0] for p in pairs], [p[1] for p in pairs], [f"{i:04d}" for i in range(SYNTHETIC_SIZE)], classes)
+    return _pack(
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        [f"{i:04d}" for i in range(SYNTHETIC_SIZE)],
+        classes,
+    )
 
 
 def alignment_score(images, masks, k=5):
@@ -491,7 +634,9 @@ def alignment_score(images, masks, k=5):
     x = torch.as_tensor(images)
     x = x.float() if x.dtype == torch.uint8 else to_uint8(x).float()
     if k == 5:
-        x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # borders average real pixels only
+        x = F.avg_pool2d(
+            x, 3, stride=1, padding=1, count_include_pad=False
+        )  # borders average real pixels only
     means = torch.tensor(synthetic_colours(k), dtype=torch.float32, device=x.device)
     dist = (x[:, None] - means[None, :, :, None, None]).square().sum(2)  # (B, K, H, W)
     return (dist.argmin(1) == torch.as_tensor(masks, device=x.device).long()).float().mean().item()

