@@ -4,7 +4,8 @@ Folder layout (Kvasir-SEG is the example):
     root/images/<stem>.<ext>   ext: jpg jpeg png bmp tif tiff, any case
     root/masks/<stem>.<ext>    same stems; each mask has its image's pixel size
     root/classes.json          optional; names the classes in id order, values all grey or all RGB:
-                               {"background": 0, "polyp": 255} or {"tissue": [0, 0, 0], "tool": [255, 0, 0]}
+                               {"background": 0, "polyp": 255} or
+                               {"tissue": [0, 0, 0], "tool": [255, 0, 0]}
     root/train.txt, val.txt, test.txt   optional split files, one stem per line; without them
                                the last round(0.12 N) stems in sorted order are val, the rest train
 JPEG masks are binary (channel mean >= 128 is foreground, as Kvasir-SEG prescribes). Lossless
@@ -53,7 +54,7 @@ def _open(path):
 
 
 def _to_rgb(im):
-    """Any PIL mode -> RGB. 16-bit grey is scaled to 8 bit (65535 -> 255); PIL alone would clip it."""
+    """Any PIL mode -> RGB. 16-bit grey is scaled to 8 bit (65535 -> 255); PIL would clip it."""
     if im.mode.startswith("I"):  # I;16, I;16B and I: how PIL opens 16-bit PNG and TIFF
         im = Image.fromarray(
             np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
@@ -67,7 +68,7 @@ def _mask_codes(im, path):
         # lossy masks are binary plus compression noise: threshold the channel mean at 128
         a = np.asarray(im.convert("RGB"), np.uint16)
         return (a[..., 0] + a[..., 1] + a[..., 2] >= 3 * 128) * np.uint32(255 * GREY)
-    # 16-bit index masks hold class values, not intensities: kept as they are, so they must fit 8 bits
+    # 16-bit index masks hold class values, not intensities: kept as they are, so must fit 8 bits
     if im.mode.startswith("I") and not 0 <= np.asarray(im).min() <= np.asarray(im).max() <= 255:
         raise DataError(f"{path}: 16-bit mask values outside 0-255 are not supported")
     a = np.asarray(im.convert("RGB")).astype(np.uint32)
@@ -75,7 +76,7 @@ def _mask_codes(im, path):
 
 
 def _geometry(w, h, size):
-    """Shorter side -> size, then centre crop: returns the resized (w, h) and the crop's (left, top)."""
+    """Shorter side -> size, then centre crop: -> the resized (w, h) and the crop's (left, top)."""
     scale = size / min(w, h)
     nw = max(size, round(w * scale))  # max: rounding must not undershoot
     nh = max(size, round(h * scale))
@@ -83,7 +84,8 @@ def _geometry(w, h, size):
 
 
 def _fit_image(im, size):
-    """PIL RGB image -> uint8 (S, S, 3). PIL's BICUBIC widens its kernel when shrinking: antialiased."""
+    """PIL RGB image -> uint8 (S, S, 3). PIL's BICUBIC widens its kernel when shrinking:
+    antialiased."""
     nw, nh, left, top = _geometry(*im.size, size)
     return np.asarray(im.resize((nw, nh), Image.BICUBIC).crop((left, top, left + size, top + size)))
 
@@ -105,7 +107,8 @@ def _decode_pair(job):
     im, mk = _open(image_path), _open(mask_path)
     if im.size != mk.size:
         raise DataError(
-            f"{mask_path}: mask is {mk.size[0]}x{mk.size[1]} but its image is {im.size[0]}x{im.size[1]}"
+            f"{mask_path}: mask is {mk.size[0]}x{mk.size[1]} but its image is "
+            f"{im.size[0]}x{im.size[1]}"
         )
     full = _mask_codes(mk, mask_path)
     # Note: values are collected at full size, so the classes do not depend on image_size
@@ -182,7 +185,7 @@ def _value(code, grey):
 
 
 def _decode_folder(root, pairs, size):
-    """Decode every pair once and turn mask values into class ids: the dataset dict that is cached."""
+    """Decode every pair once and turn mask values into class ids: the dataset dict, cached."""
     named, grey = _classes_json(root / "classes.json")  # before the slow part: fail fast
     jobs = [(image, mask, size) for _, image, mask in pairs]
     if len(jobs) >= 64:  # 2 processes: the first start is bound by JPEG decoding
@@ -244,8 +247,8 @@ _cache_warned = []  # the folders already warned about: one warning each per pro
 
 
 def save_cache(path, save):
-    """save(temp path), then rename it to path: atomic, so a concurrent reader sees the old file or the
-    whole new one. Older files of the same name (another key) are deleted. -> True if cached.
+    """save(temp path), then rename it to path: atomic, so a concurrent reader sees the old file or
+    the whole new one. Older files of the same name (another key) are deleted. -> True if cached.
 
     A cache is optional: a folder that cannot be written (read-only, another user's, a path through
     a regular file) is warned about once, and the caller carries on uncached.
@@ -289,7 +292,8 @@ def _cached(name, key, build):
 
 
 def _split(root, stems, split):
-    """Indices into the sorted stems: from root/<split>.txt if root has split files, else by position."""
+    """Indices into the sorted stems: from root/<split>.txt if root has split files, else by
+    position."""
     if split not in SPLITS:
         raise DataError(f"{split}: unknown split, use one of {', '.join(SPLITS)}")
     files = (
@@ -360,7 +364,7 @@ class PairedFolder(torch.utils.data.Dataset):
             )
             real = folder.resolve()
             key = (CACHE_VERSION, image_size, spec, content)
-            # the file name tells folders of the same name apart, and sizes, for deleting stale files
+            # the name tells folders of the same name apart, and sizes, for deleting stale files
             name = f"{real.name}-{hashlib.sha256(str(real).encode()).hexdigest()[:8]}-{image_size}"
             build = partial(_decode_folder, folder, pairs, image_size)
         index = torch.tensor(
@@ -375,8 +379,8 @@ class PairedFolder(torch.utils.data.Dataset):
         self.stems = [data["stems"][i] for i in index.tolist()]
         self.classes, self.num_classes = data["classes"], len(data["classes"])
         print(
-            f"{self.root} [{split}]: {len(self)} of {len(stems)} pairs at {image_size}x{image_size}, {how} "
-            f"({time.time() - start:.1f}s); {self.num_classes} classes: "
+            f"{self.root} [{split}]: {len(self)} of {len(stems)} pairs at {image_size}x"
+            f"{image_size}, {how} ({time.time() - start:.1f}s); {self.num_classes} classes: "
             + ", ".join(f"{c['id']}={c['name']}({c['value']})" for c in self.classes)
         )
 
@@ -384,7 +388,7 @@ class PairedFolder(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        """-> image float32 (3, S, S) in [-1, 1], mask long (S, S). Flips happen per batch in flip()."""
+        """-> image float32 (3, S, S) in [-1, 1], mask long (S, S). Flips: per batch, flip()."""
         return to_unit(self.images[i]), self.masks[i].long()
 
 
@@ -405,7 +409,7 @@ def flip(images, masks, generator=None):
     :param generator: optional torch.Generator; the coins are drawn on its device
     """
     device = generator.device if generator is not None else images.device
-    # drawn where the generator lives (usually the CPU), then moved: one seed, same flips on any device
+    # drawn where the generator lives, then moved: one seed, the same flips on any device
     coin = (torch.rand(images.shape[0], generator=generator, device=device) < 0.5).to(images.device)
     return (
         torch.where(coin[:, None, None, None], images.flip(-1), images),
@@ -423,7 +427,8 @@ def connected_boxes(mask):
     """Bounding boxes of the 4-connected regions of each class: the paper's "coordinate extraction".
 
     :param mask: (H, W) class ids, tensor or numpy
-    :return: {class id: [[x0, y0, x1, y1], ...]}, inclusive pixel coordinates, regions in raster order
+    :return: {class id: [[x0, y0, x1, y1], ...]}, inclusive pixel coordinates, regions in raster
+        order
     """
     m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
     h, w = m.shape
@@ -459,10 +464,10 @@ def connected_boxes(mask):
     return dict(sorted(out.items()))
 
 
-# ---------------------------------------------------------------------------- built-in synthetic data
+# ------------------------------------------------------------------------- built-in synthetic data
 
 SYNTHETIC_CLASSES = ("tissue", "organ", "fat", "tool_shaft", "tool_tip")
-# mean colour of each class, RGB 0-255, far apart; the textures below are luminance, roughly zero-mean
+# mean colour of each class, RGB 0-255, far apart; the textures below are luminance, about 0-mean
 SYNTHETIC_RGB = np.array(
     [[205, 110, 105], [120, 35, 50], [230, 195, 85], [160, 170, 185], [40, 45, 60]], np.float64
 )
@@ -574,7 +579,7 @@ def synthetic_scene(index, size, k):
     Background tissue (class 0) with 3 to 6 objects of random classes 1..k-1 drawn over it: blobs,
     and for every third class a tool-like bar. Classes with id % 4 == 3 are small (radius 0.06-0.1,
     about 20 pixels at 32 x 32), like tool tips. Each class has its own colour
-    (synthetic_colours) and its own texture: stripes of +-6 with a frequency and angle set by its id.
+    (synthetic_colours) and its own texture: stripes of +-6, frequency and angle set by its id.
     """
     rng = np.random.default_rng([2024, k, index])
     v, u = (np.mgrid[0:size, 0:size] + 0.5) / size

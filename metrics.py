@@ -569,8 +569,8 @@ def fid_from_features(f1, f2):
     """FID of two feature sets (N1, D), (N2, D): frechet_distance of their means and covariances.
 
     With fewer images than dimensions (min(N1, N2) < D; 120 val images against 2048 features),
-    the trace term needs no D x D matrix. With centred features X1, X2 and A_k = X_k / sqrt(N_k - 1),
-    the covariances are S_k = A_k^T A_k, and
+    the trace term needs no D x D matrix. With centred features X1, X2 and
+    A_k = X_k / sqrt(N_k - 1), the covariances are S_k = A_k^T A_k, and
 
         S1 S2 = A1^T (A1 A2^T A2)  and  (A1 A2^T A2) A1^T = M M^T,  M = A1 A2^T  (N1 x N2),
 

@@ -1789,6 +1789,11 @@ def show(label, value, note=""):  # a row of bench's table
     print(f"  {label:<34}{value:>14}  {note}", flush=True)
 
 
+def repeat(fn, times):
+    for _ in range(times):
+        fn()
+
+
 def timed(fn, repeats, device, warmup=True):
     """Median seconds of fn() over repeats calls, after one untimed call if warmup (compilation,
     cuDNN autotuning, caches). On CUDA the queued work is waited for before and after each call."""
@@ -1893,11 +1898,7 @@ def bench_training(cfg, images, masks, num_classes, peak, repeats, device):
             torch.cuda.reset_peak_memory_stats(device)
         inner = 5 if cuda else 1  # steps per timed call: a GPU step is short
 
-        def steps():
-            for _ in range(inner):
-                step()
-
-        seconds = timed(steps, repeats, device) / inner
+        seconds = timed(partial(repeat, step, inner), repeats, device) / inner
         tflops = flops / seconds / 1e12
         top = peak[0] if sp.amp else peak[1]  # fp32 runs on the TF32 tensor cores
         mfu = tflops / top if top else None
@@ -2194,7 +2195,7 @@ def main(argv=None):
             print(f"scores in {args.json}")
     except (data.DataError, metrics.MetricsError, FloatingPointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import metrics
 import simgen
 from data import DataError, PairedFolder
 
-
 KVASIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "kvasir-seg"
 needs_kvasir = pytest.mark.skipif(
     not KVASIR.is_dir(), reason=f"{KVASIR} absent (real Kvasir-SEG, in ../shared)"
@@ -105,8 +104,6 @@ def cli_error(argv, capsys):
     return err
 
 
-
-
 # ------------------------------------------------------------------------------------------
 # cfl.py: the lattice and the three mask codes
 
@@ -116,7 +113,9 @@ def test_lattice_matches_its_definition():
     n = 100
     p = cfl.fibonacci_lattice(n).double()
     z = p[:, 2]
-    assert torch.allclose(z, torch.tensor([1 - (2 * i + 1) / n for i in range(n)], dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(
+        z, torch.tensor([1 - (2 * i + 1) / n for i in range(n)], dtype=torch.float64), atol=1e-6
+    )
     lon = torch.atan2(p[:, 1], p[:, 0])
     turn = torch.remainder(lon[1:] - lon[:-1], 2 * math.pi)
     golden_turn = 2 * math.pi / ((1 + 5**0.5) / 2)  # 2 pi / Phi, already below 2 pi
@@ -153,9 +152,11 @@ def test_cfl_decode_survives_noise_below_half_the_smallest_chord(n):
     mask = torch.arange(n).repeat(50).view(1, -1, 1)  # (1, 50n, 1): every class 50 times
     x = cfl.encode(mask, n)
     e = torch.randn(x.shape, generator=g)
-    e = e / e.norm(dim=-3, keepdim=True) * (0.499 * chord)  # random directions, |e| just under chord/2
+    e = (
+        e / e.norm(dim=-3, keepdim=True) * (0.499 * chord)
+    )  # random directions, |e| just under chord/2
     assert torch.equal(cfl.decode(x + e, n), mask)
-    # And the bound is tight in the worst direction: half the chord towards the neighbour flips ties.
+    # And the bound is tight in the worst direction: half the chord towards a neighbour ties.
     i, j = divmod(int((torch.cdist(p, p) + torch.eye(n, dtype=torch.float64) * 10).argmin()), n)
     towards = (p[j] - p[i]) * 0.51
     assert cfl.decode((p[i] + towards).float().view(3, 1, 1), n).item() == j
@@ -177,7 +178,9 @@ def test_min_distance_and_ambiguous_pixels_against_hand_values():
 def test_gray_codes_defeat_cosine_similarity():
     # Why the paper's grey masks collapse (§5.3): (v, v, v) codes all lie on one line.
     codes = cfl.palette(8, "gray")
-    cos = torch.nn.functional.normalize(codes, dim=1) @ torch.nn.functional.normalize(codes, dim=1).T
+    cos = (
+        torch.nn.functional.normalize(codes, dim=1) @ torch.nn.functional.normalize(codes, dim=1).T
+    )
     assert torch.allclose(cos.abs(), torch.ones(8, 8), atol=1e-6)
 
 
@@ -201,7 +204,7 @@ def kvasir_pairs(start, n, size=None):
     """n Kvasir pairs from sorted position `start`: uint8 images and 0/1 masks, as lists at the
     original sizes, or as (n, 3, S, S) and (n, S, S) tensors resized to S = size."""
     images, masks = [], []
-    for path in sorted((KVASIR / "images").glob("*.jpg"))[start:start + n]:
+    for path in sorted((KVASIR / "images").glob("*.jpg"))[start : start + n]:
         image = Image.open(path).convert("RGB")
         mask = Image.open(KVASIR / "masks" / path.name).convert("L")
         if size:
@@ -256,6 +259,7 @@ def test_pytorch_fid_layout_loads_as_is(model, tmp_path):
 def test_missing_weights_offline_is_one_line_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
     monkeypatch.delenv(metrics.WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
@@ -317,10 +321,11 @@ def test_kid_equals_direct_loop():
 
     def k(a, b):
         return (sum(a[i] * b[i] for i in range(d)) / d + 1) ** 3
+
     xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j)
     yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j)
     xy = sum(k(x[i], y[j]) for i in range(n) for j in range(n))
-    expected = (xx + yy) / (n * (n - 1)) - 2 * xy / n ** 2
+    expected = (xx + yy) / (n * (n - 1)) - 2 * xy / n**2
     # subsets of the full size are permutations of the sets: every subset gives the same MMD²
     mean, std, m = metrics.kid(x, y, subsets=5, subset_size=1000)
     assert m == n and np.isclose(mean, expected, rtol=1e-10) and std < 1e-12
@@ -337,9 +342,15 @@ def test_kid_matches_torch_fidelitys_subsets_and_estimator():
     for _ in range(7):
         a, b = x[draws.choice(40, 10, replace=False)], y[draws.choice(30, 10, replace=False)]
         kxx, kyy, kxy = ((u @ v.T / 16 + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
-        mmds.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / 90 - 2 * kxy.sum() / 100)
+        mmds.append(
+            (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / 90 - 2 * kxy.sum() / 100
+        )
     mean, std, m = metrics.kid(x, y, subsets=7, subset_size=10)
-    assert m == 10 and np.isclose(mean, np.mean(mmds), rtol=1e-12) and np.isclose(std, np.std(mmds), rtol=1e-10)
+    assert (
+        m == 10
+        and np.isclose(mean, np.mean(mmds), rtol=1e-12)
+        and np.isclose(std, np.std(mmds), rtol=1e-10)
+    )
 
 
 @pytest.mark.parametrize("n1, n2", [(120, 90), (30, 300), (70, 70)])
@@ -382,14 +393,16 @@ def squares(n, seed, shift=0):
     red = torch.tensor([200, 40, 40], dtype=torch.uint8)[:, None, None]
     masks = torch.zeros(n, 48, 48, dtype=torch.uint8)
     for i, (y, x) in enumerate(torch.randint(4, 24, (n, 2), generator=g).tolist()):
-        images[i, :, y:y + 20, x:x + 20] = red
-        masks[i, y:y + 20, x:x + 20] = 1
+        images[i, :, y : y + 20, x : x + 20] = red
+        masks[i, y : y + 20, x : x + 20] = 1
     return images, torch.roll(masks, shifts=(shift, shift), dims=(1, 2))
 
 
 def scores(model, real, fake, **kw):
     """FID, KID, sFID, sKID of two (images, masks) sets, as eval computes them."""
-    return metrics.distances(*(metrics.dataset_features(model, *pairs, **kw) for pairs in (real, fake)))
+    return metrics.distances(
+        *(metrics.dataset_features(model, *pairs, **kw) for pairs in (real, fake))
+    )
 
 
 def test_distances_of_features_on_a_constructed_case(tmp_path):
@@ -397,16 +410,30 @@ def test_distances_of_features_on_a_constructed_case(tmp_path):
     real_images, real_masks = squares(12, seed=0)
     fake_images, fake_masks = squares(12, seed=1)
     calls = []
-    same = scores(model, (real_images, real_masks), (real_images, real_masks), batch_size=5,
-                  progress=lambda *a: calls.append(a))
+    same = scores(
+        model,
+        (real_images, real_masks),
+        (real_images, real_masks),
+        batch_size=5,
+        progress=lambda *a: calls.append(a),
+    )
     assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6
     assert {c[0] for c in calls} == {"images", "regions"}
     assert ("regions", 24, 24) in calls  # 12 images x 2 classes
     good = scores(model, (real_images, real_masks), (fake_images, fake_masks))
     moved_masks = squares(12, seed=1, shift=12)[1]
     moved = scores(model, (real_images, real_masks), (fake_images, moved_masks))
-    assert good.keys() == {"fid", "kid", "kid_std", "kid_subset_size", "sfid", "skid", "per_class",
-                           "n_real", "n_fake"}
+    assert good.keys() == {
+        "fid",
+        "kid",
+        "kid_std",
+        "kid_subset_size",
+        "sfid",
+        "skid",
+        "per_class",
+        "n_real",
+        "n_fake",
+    }
     assert good["n_real"] == good["n_fake"] == good["kid_subset_size"] == 12
     rows = [(r["class"], r["n_real"], r["n_fake"]) for r in good["per_class"]]
     assert rows == [(0, 12, 12), (1, 12, 12)]
@@ -436,9 +463,14 @@ def test_sfid_rises_when_polyp_mask_moves_off_the_polyp(model):
     real_images, real_masks = kvasir_pairs(0, 8, size=128)
     fake_images, fake_masks = kvasir_pairs(8, 8, size=128)
     moved_masks = torch.roll(fake_masks, shifts=(64, 64), dims=(1, 2))
-    real, fake, moved = (metrics.semantic_features(model, im, m, class_ids=[1], batch_size=16)[1]
-                         for im, m in [(real_images, real_masks), (fake_images, fake_masks),
-                                       (fake_images, moved_masks)])
+    real, fake, moved = (
+        metrics.semantic_features(model, im, m, class_ids=[1], batch_size=16)[1]
+        for im, m in [
+            (real_images, real_masks),
+            (fake_images, fake_masks),
+            (fake_images, moved_masks),
+        ]
+    )
     assert len(real) == len(fake) == len(moved) == 8
     stats = metrics.feature_stats(real)
     fid_fit = metrics.frechet_distance(*stats, *metrics.feature_stats(fake))
@@ -460,7 +492,11 @@ def kvasir_cache(tmp_path_factory):
 
 def write_image(path, array_or_image):
     path.parent.mkdir(parents=True, exist_ok=True)
-    im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    im = (
+        array_or_image
+        if isinstance(array_or_image, Image.Image)
+        else Image.fromarray(array_or_image)
+    )
     im.save(path)
     return path
 
@@ -469,7 +505,11 @@ def make_dataset(root, masks, images=None, mask_ext="png", image_ext="png"):
     """Dataset with the given mask arrays; images default to colour noise of the same size."""
     rng = np.random.default_rng(0)
     for i, mask in enumerate(masks):
-        image = rng.integers(0, 256, (*mask.shape[:2], 3), dtype=np.uint8) if images is None else images[i]
+        image = (
+            rng.integers(0, 256, (*mask.shape[:2], 3), dtype=np.uint8)
+            if images is None
+            else images[i]
+        )
         write_image(root / "images" / f"s{i:03d}.{image_ext}", image)
         write_image(root / "masks" / f"s{i:03d}.{mask_ext}", mask)
     return root
@@ -484,6 +524,7 @@ def load_error(root, *args, **kw):
 
 
 # ---------------------------------------------------------------------------- bad input
+
 
 def test_missing_folder(tmp_path):
     assert load_error(tmp_path / "nope", 8).startswith(f"{tmp_path / 'nope'}: ")
@@ -509,14 +550,22 @@ def test_images_without_masks(tmp_path):
     for i in (1, 3):
         (tmp_path / "ds" / "masks" / f"s00{i}.png").unlink()
     msg = load_error(tmp_path / "ds", 4)
-    assert msg.startswith(f"{tmp_path / 'ds' / 'masks'}: ") and "2 of 5 images" in msg and "s001, s003" in msg
+    assert (
+        msg.startswith(f"{tmp_path / 'ds' / 'masks'}: ")
+        and "2 of 5 images" in msg
+        and "s001, s003" in msg
+    )
 
 
 def test_masks_without_images(tmp_path):
     make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 3)
     (tmp_path / "ds" / "images" / "s002.png").unlink()
     msg = load_error(tmp_path / "ds", 4)
-    assert msg.startswith(f"{tmp_path / 'ds' / 'images'}: ") and "1 of 3 masks" in msg and "s002" in msg
+    assert (
+        msg.startswith(f"{tmp_path / 'ds' / 'images'}: ")
+        and "1 of 3 masks" in msg
+        and "s002" in msg
+    )
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated_jpg", "truncated_png"])
@@ -530,7 +579,9 @@ def test_unreadable_or_truncated_file(tmp_path, kind):
 
 
 def test_image_and_mask_sizes_differ(tmp_path):
-    root = make_dataset(tmp_path / "ds", [np.zeros((6, 8), np.uint8)], images=[np.zeros((6, 9, 3), np.uint8)])
+    root = make_dataset(
+        tmp_path / "ds", [np.zeros((6, 8), np.uint8)], images=[np.zeros((6, 9, 3), np.uint8)]
+    )
     msg = load_error(root, 4)
     assert msg.startswith(f"{root / 'masks' / 's000.png'}: ") and "8x6" in msg and "9x6" in msg
 
@@ -545,7 +596,9 @@ def test_unknown_colour_with_classes_json(tmp_path):
     assert msg.startswith(f"{root / 'masks' / 's001.png'}: ") and "[0, 9, 0]" in msg
 
 
-@pytest.mark.parametrize("spec", ["{not json", '{"a": 0, "b": [1, 2, 3]}', '{"a": 300}', '{"a": 1, "b": 1}', "[]"])
+@pytest.mark.parametrize(
+    "spec", ["{not json", '{"a": 0, "b": [1, 2, 3]}', '{"a": 300}', '{"a": 1, "b": 1}', "[]"]
+)
 def test_bad_classes_json(tmp_path, spec):
     root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)])
     (root / "classes.json").write_text(spec)
@@ -585,6 +638,7 @@ def test_error_raised_in_worker_pool(tmp_path):
 
 # ---------------------------------------------------------------------------- image modes
 
+
 def _cmyk_tif(path):
     return write_image(path, Image.new("CMYK", (6, 5), (255, 0, 0, 0)))  # pure cyan ink
 
@@ -595,14 +649,25 @@ def _palette_png(path):
     return write_image(path, im)
 
 
-@pytest.mark.parametrize("name,write,rgb", [
-    ("grey.png", lambda p: write_image(p, Image.new("L", (6, 5), 100)), (100, 100, 100)),
-    ("rgba.png", lambda p: write_image(p, Image.new("RGBA", (6, 5), (10, 20, 30, 0))), (10, 20, 30)),
-    ("palette.png", _palette_png, (40, 50, 60)),
-    ("deep.png", lambda p: write_image(p, np.full((5, 6), 65535, np.uint16)), (255, 255, 255)),
-    ("deep.tif", lambda p: write_image(p, np.full((5, 6), 25700, np.uint16)), (100, 100, 100)),  # scaled, not clipped
-    ("cmyk.tif", _cmyk_tif, (0, 255, 255)),
-])
+@pytest.mark.parametrize(
+    "name,write,rgb",
+    [
+        ("grey.png", lambda p: write_image(p, Image.new("L", (6, 5), 100)), (100, 100, 100)),
+        (
+            "rgba.png",
+            lambda p: write_image(p, Image.new("RGBA", (6, 5), (10, 20, 30, 0))),
+            (10, 20, 30),
+        ),
+        ("palette.png", _palette_png, (40, 50, 60)),
+        ("deep.png", lambda p: write_image(p, np.full((5, 6), 65535, np.uint16)), (255, 255, 255)),
+        (
+            "deep.tif",
+            lambda p: write_image(p, np.full((5, 6), 25700, np.uint16)),
+            (100, 100, 100),
+        ),  # scaled, not clipped
+        ("cmyk.tif", _cmyk_tif, (0, 255, 255)),
+    ],
+)
 def test_image_modes_are_converted_to_rgb(tmp_path, name, write, rgb):
     root = tmp_path / "ds"
     write(root / "images" / name)
@@ -613,6 +678,7 @@ def test_image_modes_are_converted_to_rgb(tmp_path, name, write, rgb):
 
 
 # ---------------------------------------------------------------------------- mask kinds
+
 
 def test_class_index_masks_with_stray_255(tmp_path):
     rng = np.random.default_rng(1)
@@ -628,7 +694,9 @@ def test_16_bit_index_masks_keep_their_values(tmp_path):
     mask = np.zeros((8, 8), np.uint16)
     mask[:4] = 7
     d = PairedFolder(make_dataset(tmp_path / "ds", [mask]), 8, "all")
-    assert [c["value"] for c in d.classes] == [0, 7] and np.array_equal(d.masks[0].numpy(), (mask == 7))
+    assert [c["value"] for c in d.classes] == [0, 7] and np.array_equal(
+        d.masks[0].numpy(), (mask == 7)
+    )
 
 
 def _colour_masks():
@@ -654,7 +722,9 @@ def test_rgb_colour_masks_with_classes_json(tmp_path):
     spec = {"tissue": [0, 0, 0], "tool": [255, 0, 0], "unused": [9, 9, 9], "organ": [0, 0, 255]}
     (root / "classes.json").write_text(json.dumps(spec))
     d = PairedFolder(root, 8, "all")
-    assert [(c["id"], c["name"], c["value"]) for c in d.classes] == [(i, n, v) for i, (n, v) in enumerate(spec.items())]
+    assert [(c["id"], c["name"], c["value"]) for c in d.classes] == [
+        (i, n, v) for i, (n, v) in enumerate(spec.items())
+    ]
     remap = np.array([0, 1, 3])  # json order; "unused" still takes id 2
     assert np.array_equal(d.masks.numpy(), np.stack([remap[i] for i in ids]))
 
@@ -662,13 +732,18 @@ def test_rgb_colour_masks_with_classes_json(tmp_path):
 def test_lossy_jpeg_masks_are_thresholded(tmp_path):
     # uniform 8 x 8 JPEG blocks decode exactly here, so levels next to 128 test the threshold itself
     levels = np.array([0, 120, 136, 255, 128, 127, 129, 200], np.uint8)
-    mask = np.kron(np.stack([np.roll(levels, k) for k in range(8)]), np.ones((8, 8), np.uint8))  # (64, 64)
+    mask = np.kron(
+        np.stack([np.roll(levels, k) for k in range(8)]), np.ones((8, 8), np.uint8)
+    )  # (64, 64)
     root = make_dataset(tmp_path / "ds", [mask], mask_ext="jpg", image_ext="jpg")
     d = PairedFolder(root, 64, "all")
     assert [c["value"] for c in d.classes] == [0, 255]
     assert np.array_equal(d.masks[0].numpy(), mask >= 128)
     empty = make_dataset(tmp_path / "empty", [np.zeros((8, 8), np.uint8)], mask_ext="jpg")
-    assert [c["value"] for c in PairedFolder(empty, 8, "all").classes] == [0, 255]  # binary, even with no foreground
+    assert [c["value"] for c in PairedFolder(empty, 8, "all").classes] == [
+        0,
+        255,
+    ]  # binary, even with no foreground
 
 
 @pytest.mark.parametrize("kind", ["grey", "colour"])
@@ -680,19 +755,27 @@ def test_mask_to_values_round_trip(tmp_path, kind):
     d = PairedFolder(make_dataset(tmp_path / "ds", masks), 8, "all")
     out = [data.mask_to_values(m, d.classes) for m in d.masks]
     assert all(o.dtype == np.uint8 and np.array_equal(o, m) for o, m in zip(out, masks))
-    again = PairedFolder(make_dataset(tmp_path / "again", out), 8, "all")  # written back, read again
+    again = PairedFolder(
+        make_dataset(tmp_path / "again", out), 8, "all"
+    )  # written back, read again
     assert again.classes == d.classes and torch.equal(again.masks, d.masks)
 
 
-# ---------------------------------------------------------------------------- geometry, flips, items
+# -------------------------------------------------------------------------- geometry, flips, items
+
 
 @pytest.mark.parametrize("w,h", [(60, 40), (40, 60)])
 def test_same_geometry_for_image_and_mask(tmp_path, w, h):
-    """A square in a non-square picture: shorter side 40 -> 20 halves it, the crop takes the middle 20."""
+    """A square in a non-square picture: shorter side 40 -> 20 halves it, the crop takes the
+    middle 20."""
     x0, y0 = (20, 10) if w > h else (10, 20)  # the square is 20 x 20 at full size
     mask = np.zeros((h, w), np.uint8)
-    mask[y0:y0 + 20, x0:x0 + 20] = 1
-    d = PairedFolder(make_dataset(tmp_path / "ds", [mask], images=[np.repeat(mask[..., None] * 255, 3, -1)]), 20, "all")
+    mask[y0 : y0 + 20, x0 : x0 + 20] = 1
+    d = PairedFolder(
+        make_dataset(tmp_path / "ds", [mask], images=[np.repeat(mask[..., None] * 255, 3, -1)]),
+        20,
+        "all",
+    )
     expected = np.zeros((20, 20), np.uint8)
     expected[5:15, 5:15] = 1  # halved to (x0/2, y0/2), minus the 5-pixel crop on the long side
     assert np.array_equal(d.masks[0].numpy(), expected)
@@ -706,7 +789,11 @@ def test_mask_resize_matches_pil_nearest(tmp_path, w, h, size):
     d = PairedFolder(make_dataset(tmp_path / "ds", [mask]), size, "all")
     nw, nh = (round(w * size / h), size) if w > h else (size, round(h * size / w))
     left, top = (nw - size) // 2, (nh - size) // 2
-    oracle = Image.fromarray(mask).resize((nw, nh), Image.NEAREST).crop((left, top, left + size, top + size))
+    oracle = (
+        Image.fromarray(mask)
+        .resize((nw, nh), Image.NEAREST)
+        .crop((left, top, left + size, top + size))
+    )
     oracle = np.asarray(oracle)
     assert np.array_equal(d.masks[0].numpy(), oracle)  # all 10 values occur, so ids equal values
 
@@ -717,7 +804,9 @@ def test_flip_is_the_same_for_image_and_mask():
     fi, fm = data.flip(images, masks, torch.Generator().manual_seed(0))
     flipped = fi[:, 0, 0, 0] == 4
     assert 0 < flipped.sum() < 16
-    assert torch.equal(fi[:, :, :, :], torch.where(flipped[:, None, None, None], images.flip(-1), images))
+    assert torch.equal(
+        fi[:, :, :, :], torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    )
     assert torch.equal(fm, torch.where(flipped[:, None, None], masks.flip(-1), masks))
     again, _ = data.flip(images, masks, torch.Generator().manual_seed(0))
     assert torch.equal(again, fi) and data.flip(images.float(), masks)[0].dtype == torch.float32
@@ -725,18 +814,29 @@ def test_flip_is_the_same_for_image_and_mask():
 
 def test_items_are_float_images_and_long_masks(tmp_path):
     masks = [np.eye(4, dtype=np.uint8)]
-    d = PairedFolder(make_dataset(tmp_path / "ds", masks, images=[np.full((4, 4, 3), 255, np.uint8)]), 4, "all")
+    d = PairedFolder(
+        make_dataset(tmp_path / "ds", masks, images=[np.full((4, 4, 3), 255, np.uint8)]), 4, "all"
+    )
     image, mask = d[0]
     assert image.dtype == torch.float32 and image.shape == (3, 4, 4) and (image == 1).all()
-    assert mask.dtype == torch.long and torch.equal(mask, torch.eye(4, dtype=torch.long)) and len(d) == 1
+    assert (
+        mask.dtype == torch.long
+        and torch.equal(mask, torch.eye(4, dtype=torch.long))
+        and len(d) == 1
+    )
 
 
 # ---------------------------------------------------------------------------- splits
 
+
 def test_split_by_sorted_stem(tmp_path):
     root = make_dataset(tmp_path / "ds", [np.full((4, 4), i, np.uint8) for i in range(10)])
     train, val, everything = (PairedFolder(root, 4, s) for s in ("train", "val", "all"))
-    assert val.stems == ["s009"] and train.stems == [f"s{i:03d}" for i in range(9)] and len(everything) == 10
+    assert (
+        val.stems == ["s009"]
+        and train.stems == [f"s{i:03d}" for i in range(9)]
+        and len(everything) == 10
+    )
     assert train.classes == val.classes and val.masks[0].max() == 9  # classes come from all splits
 
 
@@ -757,22 +857,38 @@ def test_kvasir_split_880_120(monkeypatch, kvasir_cache):
     monkeypatch.setenv("SIMGEN_CACHE", str(kvasir_cache))
     train, val = PairedFolder(KVASIR, 32, "train"), PairedFolder(KVASIR, 32, "val")
     stems = sorted(p.stem for p in (KVASIR / "images").iterdir())
-    assert (len(train), len(val)) == (880, 120) and val.stems == stems[880:] and train.stems == stems[:880]
-    assert [c["value"] for c in train.classes] == [0, 255] and train.images.shape == (880, 3, 32, 32)
+    assert (
+        (len(train), len(val)) == (880, 120)
+        and val.stems == stems[880:]
+        and train.stems == stems[:880]
+    )
+    assert [c["value"] for c in train.classes] == [0, 255] and train.images.shape == (
+        880,
+        3,
+        32,
+        32,
+    )
     assert 0.05 < val.masks.float().mean() < 0.4  # polyps cover part of each picture
 
 
 # ---------------------------------------------------------------------------- cache
 
+
 def test_cache_hit_returns_identical_tensors(tmp_path, simgen_cache, monkeypatch):
     rng = np.random.default_rng(4)
-    root = make_dataset(tmp_path / "ds", [rng.integers(0, 3, (9, 7)).astype(np.uint8) for _ in range(4)])
+    root = make_dataset(
+        tmp_path / "ds", [rng.integers(0, 3, (9, 7)).astype(np.uint8) for _ in range(4)]
+    )
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     first = PairedFolder(root, 6, "all")
-    assert len(list(simgen_cache.glob("*.pt"))) == 1 and sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert (
+        len(list(simgen_cache.glob("*.pt"))) == 1
+        and sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    )
 
     def no_decoding(job):
         raise AssertionError("decoded again")
+
     monkeypatch.setattr(data, "_decode_pair", no_decoding)
     second = PairedFolder(root, 6, "all")
     assert torch.equal(first.images, second.images) and torch.equal(first.masks, second.masks)
@@ -782,8 +898,12 @@ def test_cache_hit_returns_identical_tensors(tmp_path, simgen_cache, monkeypatch
 def test_changed_file_and_corrupt_cache_are_rebuilt(tmp_path, simgen_cache):
     root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 2)
     assert PairedFolder(root, 4, "all").num_classes == 1
-    write_image(root / "masks" / "s001.png", np.eye(4, dtype=np.uint8) * 5)  # new content, new size/mtime
-    assert PairedFolder(root, 4, "all").num_classes == 2 and len(list(simgen_cache.glob("*.pt"))) == 1  # stale one gone
+    write_image(
+        root / "masks" / "s001.png", np.eye(4, dtype=np.uint8) * 5
+    )  # new content, new size/mtime
+    assert (
+        PairedFolder(root, 4, "all").num_classes == 2 and len(list(simgen_cache.glob("*.pt"))) == 1
+    )  # stale one gone
     for p in simgen_cache.glob("*.pt"):
         p.write_bytes(b"garbage")
     d = PairedFolder(root, 4, "all")
@@ -792,17 +912,20 @@ def test_changed_file_and_corrupt_cache_are_rebuilt(tmp_path, simgen_cache):
 
 # ---------------------------------------------------------------------------- synthetic data
 
+
 def test_synthetic_is_deterministic():
     a = PairedFolder("synthetic", 32, "all")
     image, mask = data.synthetic_pair(123, 32)
     assert np.array_equal(a.images[123].permute(1, 2, 0).numpy(), image)
     assert np.array_equal(a.masks[123].numpy(), mask)
     train, val = PairedFolder("synthetic", 32, "train"), PairedFolder("synthetic", 32, "val")
-    assert (len(a), len(train), len(val)) == (1000, 880, 120) and torch.equal(val.images, a.images[880:])
+    assert (len(a), len(train), len(val)) == (1000, 880, 120) and torch.equal(
+        val.images, a.images[880:]
+    )
     assert [c["name"] for c in a.classes] == list(data.SYNTHETIC_CLASSES)
     assert [c["value"] for c in a.classes] == list(range(5))
     assert torch.bincount(a.masks.flatten().long(), minlength=5).min() > 0  # every class occurs
-    # the scene does not depend on the size: the 64 x 64 mask, subsampled, mostly equals the 32 x 32 one
+    # the scene does not depend on the size: the 64 x 64 mask, subsampled, mostly equals 32 x 32
     assert (data.synthetic_pair(123, 64)[1][1::2, 1::2] == mask).mean() > 0.9
 
 
@@ -821,6 +944,7 @@ def test_alignment_score_real_vs_shuffled(size):
 
 
 # ----------------------------------------------------------------------------- model
+
 
 def test_paper_config_has_62_7M_parameters():
     with torch.device("meta"):  # no memory, no init cost
@@ -852,6 +976,7 @@ def test_resunet_sees_the_mean_colour_of_its_input():
 
 # ----------------------------------------------------------------------------- diffusion
 
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_buffers_match_ddpm_eq_4_to_7_in_float64(schedule):
     T = 250
@@ -874,16 +999,24 @@ def test_buffers_match_ddpm_eq_4_to_7_in_float64(schedule):
         "sqrt_one_minus_alphas_cumprod": [math.sqrt(1 - a) for a in abar],  # Eq. 4 std
         "sqrt_recip_alphas_cumprod": [1 / math.sqrt(a) for a in abar],
         "sqrt_recipm1_alphas_cumprod": [math.sqrt((1 - a) / a) for a in abar],
-        "posterior_variance": [(1 - ap) / (1 - a) * b for a, ap, b in zip(abar, abar_prev, betas)],  # Eq. 7
-        "posterior_mean_coef1": [math.sqrt(ap) * b / (1 - a) for a, ap, b in zip(abar, abar_prev, betas)],  # Eq. 7
-        "posterior_mean_coef2": [math.sqrt(1 - b) * (1 - ap) / (1 - a) for a, ap, b in zip(abar, abar_prev, betas)],
+        "posterior_variance": [
+            (1 - ap) / (1 - a) * b for a, ap, b in zip(abar, abar_prev, betas)
+        ],  # Eq. 7
+        "posterior_mean_coef1": [
+            math.sqrt(ap) * b / (1 - a) for a, ap, b in zip(abar, abar_prev, betas)
+        ],  # Eq. 7
+        "posterior_mean_coef2": [
+            math.sqrt(1 - b) * (1 - ap) / (1 - a) for a, ap, b in zip(abar, abar_prev, betas)
+        ],
     }
     pv = expect["posterior_variance"]
     expect["posterior_log_variance_clipped"] = [math.log(pv[1])] + [math.log(v) for v in pv[1:]]
     for name, values in expect.items():
         got = getattr(d, name)
         assert got.dtype == torch.float32 and got.shape == (T,), name
-        torch.testing.assert_close(got.double(), torch.tensor(values, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            got.double(), torch.tensor(values, dtype=torch.float64), rtol=1e-6, atol=1e-7
+        )
     assert d.sqrt_alphas_cumprod[-1] < 0.01  # x_T is (almost) pure noise with T = 250
 
 
@@ -931,7 +1064,10 @@ def test_the_loss_starts_at_1_and_falls_within_40_steps():
     losses = []
     for step in range(40):
         g = torch.Generator().manual_seed(step)
-        t, noise = torch.randint(TINY.timesteps, (8,), generator=g), torch.randn(x.shape, generator=g)
+        t, noise = (
+            torch.randint(TINY.timesteps, (8,), generator=g),
+            torch.randn(x.shape, generator=g),
+        )
         loss = d.training_losses(model, x, t, noise)["loss"].mean()
         loss.backward()
         opt.step()
@@ -943,13 +1079,19 @@ def test_the_loss_starts_at_1_and_falls_within_40_steps():
 
 # ----------------------------------------------------------------------------- train
 
+
 def test_resume_gives_bitwise_the_same_weights(tmp_path):
-    straight = torch.load(simgen.train(tiny(steps=6, ckpt_every=100), tmp_path / "a"), weights_only=True)
+    straight = torch.load(
+        simgen.train(tiny(steps=6, ckpt_every=100), tmp_path / "a"), weights_only=True
+    )
     simgen.train(tiny(steps=3, ckpt_every=100), tmp_path / "b")  # as if killed after step 3
-    resumed = torch.load(simgen.train(tiny(steps=6, ckpt_every=100), tmp_path / "b", explicit={"steps"}),
-                         weights_only=True)
+    resumed = torch.load(
+        simgen.train(tiny(steps=6, ckpt_every=100), tmp_path / "b", explicit={"steps"}),
+        weights_only=True,
+    )
     assert straight["step"] == resumed["step"] == 6
     a, b = state_tensors(straight), state_tensors(resumed)
+
     # Bitwise on a CPU. On CUDA, cuDNN's autotuning may pick other algorithms in another process,
     # which changes the rounding: there only closeness is promised (bitwise was seen on an H100).
     def same(u, v):
@@ -957,14 +1099,25 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
 
     assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     assert not any("_orig_mod." in k for k in a)  # the uncompiled module's names
-    assert set(straight) == {"model", "ema", "optimizer", "step", "config", "classes", "version", "seconds"}
+    assert set(straight) == {
+        "model",
+        "ema",
+        "optimizer",
+        "step",
+        "config",
+        "classes",
+        "version",
+        "seconds",
+    }
     assert simgen.Config(**straight["config"]) == tiny(steps=6, ckpt_every=100)
     assert straight["classes"][4] == {"id": 4, "name": "tool_tip", "value": 4}
     assert (tmp_path / "a" / "log.csv").read_text().startswith("step,loss,images_per_s,seconds\n")
     assert (tmp_path / "a" / "grid_0000006.png").exists()
     # A conflicting model or data setting is refused in one line; the checkpoint is untouched.
     with pytest.raises(data.DataError, match="trained with base_channels=8, not 16"):
-        simgen.train(tiny(steps=8, base_channels=16), tmp_path / "b", explicit={"steps", "base_channels"})
+        simgen.train(
+            tiny(steps=8, base_channels=16), tmp_path / "b", explicit={"steps", "base_channels"}
+        )
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6
 
 
@@ -978,34 +1131,75 @@ def test_non_finite_loss_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", poisoned)
     with pytest.raises(SystemExit) as e:
-        simgen.main(["train", "synthetic", "--preset", "tiny", "--ckpt-every", "2", "--out", str(tmp_path)])
+        simgen.main(
+            ["train", "synthetic", "--preset", "tiny", "--ckpt-every", "2", "--out", str(tmp_path)]
+        )
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("error: ") and "loss is nan" in err
+    assert (
+        e.value.code == 1
+        and err.count("\n") == 1
+        and err.startswith("error: ")
+        and "loss is nan" in err
+    )
     assert "(step 4) is kept" in err
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 def test_cli_flags_cover_every_config_field():
     # Oracle: a config differing from the defaults in every field, written back as flags.
-    want = simgen.replace(TINY, lr=0.5, schedule="cosine", mask_scheme="gray", amp=False, compile=False,
-                          channels_last=False, channel_mults=(1, 2, 2), grad_clip=2.0, seed=3, data="x")
+    want = simgen.replace(
+        TINY,
+        lr=0.5,
+        schedule="cosine",
+        mask_scheme="gray",
+        amp=False,
+        compile=False,
+        channels_last=False,
+        channel_mults=(1, 2, 2),
+        grad_clip=2.0,
+        seed=3,
+        data="x",
+    )
     argv = ["train", "x"]
     for f in simgen.fields(simgen.Config):
         flag, v = "--" + f.name.replace("_", "-"), getattr(want, f.name)
         if f.name != "data":
-            argv += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [
-                flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+            argv += (
+                [flag if v else "--no-" + flag[2:]]
+                if isinstance(v, bool)
+                else [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+            )
     cfg, chosen, out = simgen.train_config(simgen.build_parser().parse_args(argv))
     assert cfg == want and out == Path("runs/x-paper")
-    cfg, chosen, out = simgen.train_config(simgen.build_parser().parse_args(["train", "x", "--preset", "tiny"]))
-    assert cfg == simgen.replace(TINY, data="x") and chosen == set(simgen.PRESETS["tiny"]) | {"data"}
+    cfg, chosen, out = simgen.train_config(
+        simgen.build_parser().parse_args(["train", "x", "--preset", "tiny"])
+    )
+    assert cfg == simgen.replace(TINY, data="x") and chosen == set(simgen.PRESETS["tiny"]) | {
+        "data"
+    }
 
 
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "simgen.py", "train", "synthetic", "--preset", "tiny", "--steps", "3", "--out", str(tmp_path)]
-    run = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "simgen.py",
+        "train",
+        "synthetic",
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
+    run = subprocess.run(
+        cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=240
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and run.stdout.count("0.1M parameters; 2 x cpu") == 1  # rank 0 logs
@@ -1019,7 +1213,9 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     diffusion = simgen.GaussianDiffusion(cfg.timesteps, cfg.schedule)
     for step in range(3):
-        shares = [simgen.training_batch(ds.images, ds.masks, 5, cfg, step, rank, 2) for rank in (0, 1)]
+        shares = [
+            simgen.training_batch(ds.images, ds.masks, 5, cfg, step, rank, 2) for rank in (0, 1)
+        ]
         x, t, noise = (torch.cat(parts) for parts in zip(*shares))
         loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
         loss.backward()
@@ -1037,13 +1233,16 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
 
 # ----------------------------------------------------------------------------- sample
 
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     return simgen.train(tiny(steps=4), tmp_path_factory.mktemp("run"))
 
 
 def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_path):
-    out = simgen.sample(tiny_ckpt, tmp_path / "s", n=5, sampler="ddim", steps=5, seed=1, batch_size=3)
+    out = simgen.sample(
+        tiny_ckpt, tmp_path / "s", n=5, sampler="ddim", steps=5, seed=1, batch_size=3
+    )
     back = data.PairedFolder(out, 16, "all")
     ckpt = torch.load(tiny_ckpt, weights_only=True)
     assert len(back) == 5 and back.classes == ckpt["classes"]  # the dataset's own values, same ids
@@ -1051,8 +1250,18 @@ def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_pa
     cfg = simgen.Config(**ckpt["config"])
     model = simgen.ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
-    images, masks, _ = simgen.generate(model, simgen.GaussianDiffusion(cfg.timesteps), cfg, simgen.Speed(), 5, 3,
-                                       simgen.make_generator("cpu", 2, 1, 0), torch.device("cpu"), "ddim", 5)
+    images, masks, _ = simgen.generate(
+        model,
+        simgen.GaussianDiffusion(cfg.timesteps),
+        cfg,
+        simgen.Speed(),
+        5,
+        3,
+        simgen.make_generator("cpu", 2, 1, 0),
+        torch.device("cpu"),
+        "ddim",
+        5,
+    )
     assert torch.equal(back.images[:3], images) and torch.equal(back.masks[:3].long(), masks)
     boxes = json.loads((out / "boxes.json").read_text())
     assert sorted(boxes) == ["00000", "00001", "00002", "00003", "00004"]
@@ -1063,7 +1272,9 @@ def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_pa
 
 def test_sample_is_deterministic_and_never_overwrites(tiny_ckpt, tmp_path, capsys):
     for name in ("a", "b"):
-        simgen.main(["sample", str(tiny_ckpt), "--out", str(tmp_path / name), "--n", "3", "--seed", "7"])
+        simgen.main(
+            ["sample", str(tiny_ckpt), "--out", str(tmp_path / name), "--n", "3", "--seed", "7"]
+        )
     for sub in ("images", "masks"):
         for p in (tmp_path / "a" / sub).iterdir():
             assert p.read_bytes() == (tmp_path / "b" / sub / p.name).read_bytes()
@@ -1071,7 +1282,10 @@ def test_sample_is_deterministic_and_never_overwrites(tiny_ckpt, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         simgen.main(["sample", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--n", "2"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err == f"error: {tmp_path / 'a'}: holds an earlier sample; pass --force to replace it\n"
+    assert (
+        e.value.code == 1
+        and err == f"error: {tmp_path / 'a'}: holds an earlier sample; pass --force to replace it\n"
+    )
     simgen.main(["sample", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--n", "2", "--force"])
     assert len(list((tmp_path / "a" / "images").iterdir())) == 2  # no stale pairs left
 
@@ -1079,7 +1293,10 @@ def test_sample_is_deterministic_and_never_overwrites(tiny_ckpt, tmp_path, capsy
 def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    for path, message in ((tmp_path / "missing.pt", "checkpoint not found"), (bad, "not a readable checkpoint")):
+    for path, message in (
+        (tmp_path / "missing.pt", "checkpoint not found"),
+        (bad, "not a readable checkpoint"),
+    ):
         with pytest.raises(SystemExit):
             simgen.main(["sample", str(path), "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
@@ -1092,9 +1309,15 @@ def test_connected_boxes_on_a_hand_made_mask():
     m[2, 2] = 1  # touches the square only diagonally: a region of its own under 4-connectivity
     m[4:6, 1:7] = 2  # an L shape with a vertical arm
     m[3, 6] = 2
-    m[0:3, 5:8] = 1  # a second class-1 region, which also cuts off the background's corner x = 7, y = 3..5
+    m[0:3, 5:8] = (
+        1  # a second class-1 region, which also cuts off the background's corner x = 7, y = 3..5
+    )
     boxes = data.connected_boxes(torch.from_numpy(m))
-    assert boxes == {0: [[0, 0, 5, 5], [7, 3, 7, 5]], 1: [[0, 0, 1, 1], [5, 0, 7, 2], [2, 2, 2, 2]], 2: [[1, 3, 6, 5]]}
+    assert boxes == {
+        0: [[0, 0, 5, 5], [7, 3, 7, 5]],
+        1: [[0, 0, 1, 1], [5, 0, 7, 2], [2, 2, 2, 2]],
+        2: [[1, 3, 6, 5]],
+    }
     spiral = np.ones((9, 9), np.int64)  # one long snake-shaped region: labels must travel far
     spiral[1:8:2, 1:8] = 0
     spiral[1:8:4, 8], spiral[3:8:4, 0] = 0, 0
@@ -1111,7 +1334,7 @@ def make_squares(root, n, size, seed, value=255, spec=None):
     for i in range(n):
         mask = np.zeros((size, size, 3) if isinstance(value, list) else (size, size), np.uint8)
         y, x = rng.integers(0, size // 2, 2)
-        mask[y:y + size // 2, x:x + size // 2] = value
+        mask[y : y + size // 2, x : x + size // 2] = value
         image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
         image[mask.reshape(size, size, -1).any(-1)] = [200, 40, 40]
         for sub, a in (("images", image), ("masks", mask)):
@@ -1124,6 +1347,7 @@ def make_squares(root, n, size, seed, value=255, spec=None):
 
 # ----------------------------------------------------------------------------- eval
 
+
 def test_eval_matches_classes_by_value_and_caches_the_real_set(tmp_path, stand_in, capsys):
     real = make_squares(tmp_path / "real", 6, 32, seed=0)  # ids: background 0, class_1 (255) 1
     # the same pairs with the ids swapped: classes.json lists the square's value first
@@ -1131,17 +1355,42 @@ def test_eval_matches_classes_by_value_and_caches_the_real_set(tmp_path, stand_i
     other = make_squares(tmp_path / "other", 5, 32, seed=1, spec={"polyp": 255, "background": 0})
     js = str(tmp_path / "s.json")
     out, s = run(["eval", str(real), str(same), "--json", js, "--batch-size", "4"], capsys)
-    assert s.keys() == {"real", "real_split", "fake", "fake_split", "image_size", "real_features", "fid", "kid",
-                        "kid_std", "kid_subset_size", "sfid", "skid", "n_real", "n_fake", "per_class"}
+    assert s.keys() == {
+        "real",
+        "real_split",
+        "fake",
+        "fake_split",
+        "image_size",
+        "real_features",
+        "fid",
+        "kid",
+        "kid_std",
+        "kid_subset_size",
+        "sfid",
+        "skid",
+        "n_real",
+        "n_fake",
+        "per_class",
+    }
     assert (s["image_size"], s["n_real"], s["n_fake"], s["real_features"]) == (32, 6, 6, "computed")
     # a set against itself: 0, which needs the swapped ids matched back by value
     assert abs(s["fid"]) < 1e-6 and abs(s["sfid"]) < 1e-6
-    assert [(r["class"], r["name"], r["value"], r["n_real"], r["n_fake"]) for r in s["per_class"]] == [
-        (0, "background", 0, 6, 6), (1, "class_1", 255, 6, 6)]
-    assert "FID" in out and "sKID" in out and "fewer than 2048 images" in out and "real regions: 12/12" in out
+    assert [
+        (r["class"], r["name"], r["value"], r["n_real"], r["n_fake"]) for r in s["per_class"]
+    ] == [(0, "background", 0, 6, 6), (1, "class_1", 255, 6, 6)]
+    assert (
+        "FID" in out
+        and "sKID" in out
+        and "fewer than 2048 images" in out
+        and "real regions: 12/12" in out
+    )
     # Oracle: the metrics on the decoded tensors, the other set's ids mapped by hand (1 - id).
     out, s = run(["eval", str(real), str(other), "--json", js], capsys)
-    assert s["real_features"] == "cached" and "Inception features cached" in out and "real images" not in out
+    assert (
+        s["real_features"] == "cached"
+        and "Inception features cached" in out
+        and "real images" not in out
+    )
     r, o = data.PairedFolder(real, 32, "all"), data.PairedFolder(other, 32, "all")
     want = scores(StandIn(), (r.images, r.masks), (o.images, 1 - o.masks))
     assert s["fid"] == pytest.approx(want["fid"]) and s["sfid"] == pytest.approx(want["sfid"])
@@ -1149,7 +1398,9 @@ def test_eval_matches_classes_by_value_and_caches_the_real_set(tmp_path, stand_i
     again = run(["eval", str(real), str(other), "--json", js], capsys)[1]
     assert again == s  # from the cache: the same numbers
     stand_in[0] = 1  # other weights: the cache does not apply
-    assert run(["eval", str(real), str(other), "--json", js], capsys)[1]["real_features"] == "computed"
+    assert (
+        run(["eval", str(real), str(other), "--json", js], capsys)[1]["real_features"] == "computed"
+    )
 
 
 def test_eval_against_the_builtin_set_reports_alignment(tmp_path, stand_in, capsys):
@@ -1160,8 +1411,12 @@ def test_eval_against_the_builtin_set_reports_alignment(tmp_path, stand_in, caps
     for sub in ("images", "masks"):
         (fake / sub).mkdir(parents=True)
     for i in range(12):
-        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(fake / "images" / f"{i:02d}.png")
-        Image.fromarray(data.mask_to_values(ds.masks[i], ds.classes)).save(fake / "masks" / f"{i:02d}.png")
+        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(
+            fake / "images" / f"{i:02d}.png"
+        )
+        Image.fromarray(data.mask_to_values(ds.masks[i], ds.classes)).save(
+            fake / "masks" / f"{i:02d}.png"
+        )
     (fake / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in ds.classes}))
     js = str(tmp_path / "s.json")
     out, s = run(["eval", "synthetic", str(fake), "--real-split", "val", "--json", js], capsys)
@@ -1184,14 +1439,20 @@ def test_eval_with_the_real_inception_and_no_scorable_class(tmp_path, monkeypatc
 
 def test_eval_errors_are_one_line(tmp_path, stand_in, capsys, monkeypatch):
     real = make_squares(tmp_path / "real", 3, 32, seed=0)
-    tool = make_squares(tmp_path / "tool", 3, 32, seed=0, value=128, spec={"background": 0, "tool": 128})
+    tool = make_squares(
+        tmp_path / "tool", 3, 32, seed=0, value=128, spec={"background": 0, "tool": 128}
+    )
     err = cli_error(["eval", str(real), str(tool)], capsys)
     assert f"{tool}: classes tool (128) have no class of that mask value" in err
-    assert "dataset folder not found" in cli_error(["eval", str(real), str(tmp_path / "missing")], capsys)
+    assert "dataset folder not found" in cli_error(
+        ["eval", str(real), str(tmp_path / "missing")], capsys
+    )
     monkeypatch.undo()  # the real load_inception, with a weights file that is not there
     monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(metrics.WEIGHTS_ENV, str(tmp_path / "nope.pt"))
-    assert "nope.pt: no such Inception weights file" in cli_error(["eval", str(real), str(real)], capsys)
+    assert "nope.pt: no such Inception weights file" in cli_error(
+        ["eval", str(real), str(real)], capsys
+    )
 
 
 def test_eval_size_is_the_fake_images_size(tmp_path):
@@ -1205,11 +1466,13 @@ def test_eval_size_is_the_fake_images_size(tmp_path):
 
 # ----------------------------------------------------------------------------- segment
 
+
 def test_iou_against_a_hand_computed_answer():
     target = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[0, 1, 1], [2, 2, 2]]])
     pred = torch.tensor([[[0, 1, 1], [1, 2, 0]], [[0, 1, 2], [2, 2, 2]]])
     # summed over both images, class k: |pred = k and truth = k| / |pred = k or truth = k|
-    # 0: inter 2, union 4 (truth 3 + pred 3 - 2); 1: inter 3, union 5; 2: inter 4, union 6; 3: nowhere
+    # 0: inter 2, union 4 (truth 3 + pred 3 - 2); 1: inter 3, union 5; 2: inter 4, union 6;
+    # 3: nowhere
     per_class, mean = simgen.iou(pred, target, 4)
     assert per_class == [2 / 4, 3 / 5, 4 / 6, None]
     assert mean == pytest.approx((2 / 4 + 3 / 5 + 4 / 6) / 3)  # class 3 is left out of the mean
@@ -1217,15 +1480,45 @@ def test_iou_against_a_hand_computed_answer():
 
 
 def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, capsys):
-    real = make_squares(tmp_path / "real", 10, 16, seed=1)  # train split: 9 pairs (last 12 % are val)
-    gen = make_squares(tmp_path / "gen", 6, 16, seed=2, spec={"polyp": 255, "background": 0})  # ids swapped
+    real = make_squares(
+        tmp_path / "real", 10, 16, seed=1
+    )  # train split: 9 pairs (last 12 % are val)
+    gen = make_squares(
+        tmp_path / "gen", 6, 16, seed=2, spec={"polyp": 255, "background": 0}
+    )  # ids swapped
     test = make_squares(tmp_path / "test", 6, 16, seed=3)
-    args = ["segment", str(real), str(gen), "--train-split", "train,all", "--test", str(test), "--test-split", "all",
-            "--image-size", "16", "--base-channels", "8", "--channel-mults", "1,2", "--batch-size", "8",
-            "--steps", "30", "--real-fraction", "0.5"]
-    runs = [run(args + ["--json", str(tmp_path / f"{k}.json"), "--out", str(tmp_path / k)], capsys) for k in "ab"]
+    args = [
+        "segment",
+        str(real),
+        str(gen),
+        "--train-split",
+        "train,all",
+        "--test",
+        str(test),
+        "--test-split",
+        "all",
+        "--image-size",
+        "16",
+        "--base-channels",
+        "8",
+        "--channel-mults",
+        "1,2",
+        "--batch-size",
+        "8",
+        "--steps",
+        "30",
+        "--real-fraction",
+        "0.5",
+    ]
+    runs = [
+        run(args + ["--json", str(tmp_path / f"{k}.json"), "--out", str(tmp_path / k)], capsys)
+        for k in "ab"
+    ]
     (out, a), (_, b) = runs
-    assert [(t["split"], t["pairs"], t["of"]) for t in a["train"]] == [("train", round(0.5 * 9), 9), ("all", 6, 6)]
+    assert [(t["split"], t["pairs"], t["of"]) for t in a["train"]] == [
+        ("train", round(0.5 * 9), 9),
+        ("all", 6, 6),
+    ]
     assert "mean IoU" in out and "step 30/30" in out
     a.pop("seconds"), b.pop("seconds")
     assert a == b  # deterministic for a seed
@@ -1239,49 +1532,86 @@ def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, cap
         args[-1] = str(f)
         s = run(args + ["--steps", "1", "--json", str(tmp_path / "f.json")], capsys)[1]
         assert s["train"][0]["pairs"] == round(f * 9) and s["train"][1]["pairs"] == 6
-    assert "exists; choose another --out" in cli_error(args + ["--out", str(tmp_path / "a")], capsys)
+    assert "exists; choose another --out" in cli_error(
+        args + ["--out", str(tmp_path / "a")], capsys
+    )
 
 
 def test_segment_errors_are_one_line(tmp_path, capsys):
     test = make_squares(tmp_path / "test", 9, 16, seed=3)
-    tool = make_squares(tmp_path / "tool", 3, 16, seed=0, value=128, spec={"background": 0, "tool": 128})
-    base = ["segment", str(tool), "--test", str(test), "--image-size", "16", "--channel-mults", "1,2", "--steps", "1"]
+    tool = make_squares(
+        tmp_path / "tool", 3, 16, seed=0, value=128, spec={"background": 0, "tool": 128}
+    )
+    base = [
+        "segment",
+        str(tool),
+        "--test",
+        str(test),
+        "--image-size",
+        "16",
+        "--channel-mults",
+        "1,2",
+        "--steps",
+        "1",
+    ]
     assert "classes tool (128) have no class of that mask value" in cli_error(base, capsys)
     empty = make_squares(tmp_path / "three", 3, 16, seed=3)  # round(0.12 x 3) = 0 pairs in val
-    assert f"{empty}: no pairs in its val split (3 pairs in all)" in cli_error([*base[:3], str(empty), *base[4:]], capsys)
-    assert "--real-fraction 0.0: must be in (0, 1]" in cli_error(base + ["--real-fraction", "0"], capsys)
+    assert f"{empty}: no pairs in its val split (3 pairs in all)" in cli_error(
+        [*base[:3], str(empty), *base[4:]], capsys
+    )
+    assert "--real-fraction 0.0: must be in (0, 1]" in cli_error(
+        base + ["--real-fraction", "0"], capsys
+    )
     assert "one per TRAIN folder" in cli_error(base + ["--train-split", "train,all"], capsys)
 
 
-# ----------------------------------------------------------------------------- mask encodings end to end
+# ----------------------------------------------------------------------- mask encodings end to end
+
 
 @pytest.mark.parametrize("scheme", cfl.SCHEMES)
 def test_each_mask_encoding_trains_samples_and_reads_back(tmp_path, scheme, stand_in, capsys):
     rng = np.random.default_rng(0)
     masks = [np.full((16, 16), 0, np.uint8) for _ in range(6)]
     for m in masks:
-        m[:8, rng.integers(0, 8):][:, :8] = 100
-        m[8:, :rng.integers(4, 12)] = 200
+        m[:8, rng.integers(0, 8) :][:, :8] = 100
+        m[8:, : rng.integers(4, 12)] = 200
     root = tmp_path / "data"
     for i, m in enumerate(masks):
         for sub, a in (("images", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), ("masks", m)):
             (root / sub).mkdir(parents=True, exist_ok=True)
             Image.fromarray(a).save(root / sub / f"{i}.png")
-    cfg = simgen.replace(simgen.Config(), **{**simgen.PRESETS["tiny"], "steps": 3}, data=str(root), mask_scheme=scheme)
+    cfg = simgen.replace(
+        simgen.Config(),
+        **{**simgen.PRESETS["tiny"], "steps": 3},
+        data=str(root),
+        mask_scheme=scheme,
+    )
     ckpt_path = simgen.train(cfg, tmp_path / "run")
     ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["config"]["mask_scheme"] == scheme and [c["value"] for c in ckpt["classes"]] == [0, 100, 200]
-    out = simgen.sample(ckpt_path, tmp_path / "s", n=3, sampler="ddim", steps=4, seed=0, batch_size=3)
+    assert ckpt["config"]["mask_scheme"] == scheme and [c["value"] for c in ckpt["classes"]] == [
+        0,
+        100,
+        200,
+    ]
+    out = simgen.sample(
+        ckpt_path, tmp_path / "s", n=3, sampler="ddim", steps=4, seed=0, batch_size=3
+    )
     back = data.PairedFolder(out, 16, "all")
     assert back.classes == ckpt["classes"]  # the dataset's own values, the training ids
-    assert {int(v) for p in (out / "masks").iterdir() for v in np.unique(np.array(Image.open(p)))} <= {0, 100, 200}
-    # Oracle: the same noise, sampled directly; only decoding with the checkpoint's scheme gives the masks read back.
+    assert {
+        int(v) for p in (out / "masks").iterdir() for v in np.unique(np.array(Image.open(p)))
+    } <= {0, 100, 200}
+    # Oracle: the same noise, sampled directly; only decoding with the checkpoint's scheme gives
+    # the masks read back.
     model = simgen.ResUNet(simgen.Config(**ckpt["config"])).eval()
     model.load_state_dict(ckpt["ema"])
-    x = simgen.GaussianDiffusion(cfg.timesteps).sample_loop(model, (3, 6, 16, 16), "ddim", 4,
-                                                            generator=simgen.make_generator("cpu", 2, 0, 0))
+    x = simgen.GaussianDiffusion(cfg.timesteps).sample_loop(
+        model, (3, 6, 16, 16), "ddim", 4, generator=simgen.make_generator("cpu", 2, 0, 0)
+    )
     for other in cfl.SCHEMES:
-        assert torch.equal(cfl.decode(x[:, 3:], 3, other), back.masks.long()) == (other == scheme), other
+        assert torch.equal(cfl.decode(x[:, 3:], 3, other), back.masks.long()) == (
+            other == scheme
+        ), other
     # and the sample evaluates against its training set, classes matched by value
     s = simgen.evaluate(root, out)
     assert s["n_fake"] == 3 and [r["value"] for r in s["per_class"]] == [0, 100, 200]
@@ -1289,7 +1619,6 @@ def test_each_mask_encoding_trains_samples_and_reads_back(tmp_path, scheme, stan
 
 # ------------------------------------------------------------------------------------------
 # simgen.py bench: FLOP counting against an analytic count, the fast paths against the plain ones
-
 
 
 def analytic_flops(model, x, t):
@@ -1305,8 +1634,11 @@ def analytic_flops(model, x, t):
         if isinstance(module, nn.Linear):
             per_module[module] = 2 * b * w.shape[0] * w.shape[1]
         else:
-            pixels = (inputs[0] if isinstance(module, nn.ConvTranspose2d) else output).shape[2:].numel()
+            pixels = (
+                (inputs[0] if isinstance(module, nn.ConvTranspose2d) else output).shape[2:].numel()
+            )
             per_module[module] = 2 * b * w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3] * pixels
+
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             hooks.append(m.register_forward_hook(hook))
@@ -1331,11 +1663,13 @@ def test_flop_counter_equals_the_analytic_count():
     # A training step (what bench divides by the step time): the backward pass costs two forwards
     # (grad of input, grad of weight) for every layer but those whose input needs no gradient:
     # the first conv (input x_t) and the first linear of the time MLP (the sinusoidal embedding).
-    params, opt = list(model.parameters()), torch.optim.Adam(model.parameters())
+    opt = torch.optim.Adam(model.parameters())
     diffusion = simgen.GaussianDiffusion(TINY.timesteps)
     with FlopCounterMode(display=False) as counter:
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        simgen.train_step(model, opt, scaler, diffusion, x, t, torch.randn_like(x), TINY, simgen.Speed())
+        simgen.train_step(
+            model, opt, scaler, diffusion, x, t, torch.randn_like(x), TINY, simgen.Speed()
+        )
     no_grad_input = per_module[model.init] + per_module[model.time_mlp[0]]
     assert counter.get_total_flops() == 3 * total - no_grad_input
 
@@ -1365,7 +1699,9 @@ def test_training_batch_is_algorithm_1_lines_2_to_4_from_seed_and_step():
     idx = torch.randint(len(ds.images), (TINY.batch_size,), generator=g)
     g = simgen.make_generator("cpu", 1, TINY.seed, 3, 0)
     image, mask = data.flip(ds.images[idx], ds.masks[idx], g)
-    want = torch.cat([image.float() / 127.5 - 1, cfl.encode(mask, ds.num_classes, TINY.mask_scheme)], 1)
+    want = torch.cat(
+        [image.float() / 127.5 - 1, cfl.encode(mask, ds.num_classes, TINY.mask_scheme)], 1
+    )
     assert torch.equal(x, want) and x.shape == (TINY.batch_size, 6, 16, 16)
     assert torch.equal(t, torch.randint(TINY.timesteps, (TINY.batch_size,), generator=g))
     assert torch.equal(noise, torch.randn(x.shape, generator=g))
@@ -1377,16 +1713,39 @@ def test_diffusion_to_moves_every_buffer_and_cpu_sampling_is_eager():
     assert len(buffers) >= 11 and all(v.device.type == "meta" for v in buffers.values())
     model = simgen.ResUNet(TINY)
     cpu = torch.device("cpu")
-    assert simgen.sampling_model(model, simgen.speed(TINY, cpu), cpu) is model  # no compile on a CPU
+    assert (
+        simgen.sampling_model(model, simgen.speed(TINY, cpu), cpu) is model
+    )  # no compile on a CPU
 
 
-@pytest.mark.parametrize("name, sms, ghz, half_per_clock, tf32_per_clock", [
-    # Oracle: peak = SMs x clock x dense FLOPs per SM per clock, from the architecture
-    # whitepapers (V100, A100, H100), not from the datasheets the table is taken from.
-    ("NVIDIA H100 80GB HBM3", 132, 1.83, 4096, 2048),  # 4 tensor cores x 512 FMA; TF32 half rate
-    ("NVIDIA A100-SXM4-80GB", 108, 1.41, 2048, 1024),  # 4 tensor cores x 256 FMA; TF32 half rate
-    ("Tesla V100-SXM2-16GB", 80, 1.53, 1024, 128),  # 8 tensor cores x 64 FMA; 64 FP32 cores, FMA
-])
+@pytest.mark.parametrize(
+    "name, sms, ghz, half_per_clock, tf32_per_clock",
+    [
+        # Oracle: peak = SMs x clock x dense FLOPs per SM per clock, from the architecture
+        # whitepapers (V100, A100, H100), not from the datasheets the table is taken from.
+        (
+            "NVIDIA H100 80GB HBM3",
+            132,
+            1.83,
+            4096,
+            2048,
+        ),  # 4 tensor cores x 512 FMA; TF32 half rate
+        (
+            "NVIDIA A100-SXM4-80GB",
+            108,
+            1.41,
+            2048,
+            1024,
+        ),  # 4 tensor cores x 256 FMA; TF32 half rate
+        (
+            "Tesla V100-SXM2-16GB",
+            80,
+            1.53,
+            1024,
+            128,
+        ),  # 8 tensor cores x 64 FMA; 64 FP32 cores, FMA
+    ],
+)
 def test_peak_flops_agree_with_sm_count_times_clock(name, sms, ghz, half_per_clock, tf32_per_clock):
     half, tf32 = simgen.peak_tflops(name)
     assert half == pytest.approx(sms * ghz * half_per_clock / 1e3, rel=0.01)
@@ -1404,22 +1763,46 @@ def test_bench_writes_every_number(tmp_path, capsys):
     path = tmp_path / "bench.json"
     simgen.main(["bench", "--config", "tiny", "--repeats", "1", "--json", str(path)])
     res = json.loads(path.read_text())
-    assert {"device", "torch", "date", "config", "repeats", "train", "train_flops_per_step", "sample", "fid",
-            "data_images_per_s", "total_s"} <= set(res)
+    assert {
+        "device",
+        "torch",
+        "date",
+        "config",
+        "repeats",
+        "train",
+        "train_flops_per_step",
+        "sample",
+        "fid",
+        "data_images_per_s",
+        "total_s",
+    } <= set(res)
     assert res["torch"] == torch.__version__ and res["config"] == "tiny" and res["repeats"] == 1
     measured = {k: v for k, v in res["train"].items() if "skipped" not in v}
     assert "eager fp32" in measured and len(res["train"]) == 3
     if not torch.cuda.is_available():  # bf16 and compile are CUDA paths: skipped, with the reason
-        assert len(measured) == 1 and all(v["skipped"] for k, v in res["train"].items() if k not in measured)
+        assert len(measured) == 1 and all(
+            v["skipped"] for k, v in res["train"].items() if k not in measured
+        )
     for v in measured.values():
         assert v["images_per_s"] > 0 and v["step_s"] > 0 and v["tflops"] > 0
     assert res["train_flops_per_step"] > 0 and res["data_images_per_s"] > 0
-    assert set(res["sample"]) == {f"ddpm_{TINY.timesteps}_s", "ddim_50_s", "dpm++_20_s", "dpm++_10_s", "dpm++sde_20_s"}
+    assert set(res["sample"]) == {
+        f"ddpm_{TINY.timesteps}_s",
+        "ddim_50_s",
+        "dpm++_20_s",
+        "dpm++_10_s",
+        "dpm++sde_20_s",
+    }
     assert all(v > 0 for v in res["sample"].values())
     assert res["fid"]["hand_rolled_images_per_s"] > 0
     assert res["fid"]["reference_images_per_s"] is None or res["fid"]["reference_images_per_s"] > 0
     out = capsys.readouterr().out
-    assert "eager fp32" in out and "ddpm, 50 steps" in out and "dpm++, 10 steps" in out and "MFU" in out
+    assert (
+        "eager fp32" in out
+        and "ddpm, 50 steps" in out
+        and "dpm++, 10 steps" in out
+        and "MFU" in out
+    )
     assert ("skipped" in out) == (len(measured) < 3)
 
 
@@ -1429,18 +1812,23 @@ def test_bench_writes_every_number(tmp_path, capsys):
 
 def hold_lock(folder):
     """A second process that holds folder's lock until killed -> the Popen."""
-    code = f"import pathlib, time, simgen\nwith simgen.folder_lock(pathlib.Path({str(folder)!r})):\n" \
-           "    print('locked', flush=True)\n    time.sleep(60)\n"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
-                            text=True)
+    code = (
+        f"import pathlib, time, simgen\nwith simgen.folder_lock(pathlib.Path({str(folder)!r})):\n"
+        "    print('locked', flush=True)\n    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
 
 def test_a_second_process_is_refused_a_busy_run_or_output_folder(tiny_ckpt, tmp_path, capsys):
     run_dir, out = tmp_path / "run", tmp_path / "out"
-    for folder, argv in ((run_dir, ["train", "synthetic", "--preset", "tiny", "--steps", "2"]),
-                         (out, ["sample", str(tiny_ckpt), "--n", "1"])):
+    for folder, argv in (
+        (run_dir, ["train", "synthetic", "--preset", "tiny", "--steps", "2"]),
+        (out, ["sample", str(tiny_ckpt), "--n", "1"]),
+    ):
         holder = hold_lock(folder)
         try:
             err = cli_error(argv + ["--out", str(folder)], capsys)
@@ -1450,7 +1838,10 @@ def test_a_second_process_is_refused_a_busy_run_or_output_folder(tiny_ckpt, tmp_
             holder.kill()  # as kill -9: the kernel drops the lock with the process
             holder.wait()
         simgen.main(argv + ["--out", str(folder)])  # a killed holder never blocks the next run
-    assert torch.load(run_dir / "ckpt.pt", weights_only=True)["step"] == 2 and (out / "images" / "00000.png").exists()
+    assert (
+        torch.load(run_dir / "ckpt.pt", weights_only=True)["step"] == 2
+        and (out / "images" / "00000.png").exists()
+    )
 
 
 def test_force_never_touches_a_folder_sample_did_not_write(tiny_ckpt, tmp_path, capsys):
@@ -1458,7 +1849,9 @@ def test_force_never_touches_a_folder_sample_did_not_write(tiny_ckpt, tmp_path, 
     before = {p: p.read_bytes() for p in real.rglob("*") if p.is_file()}
     err = cli_error(["sample", str(tiny_ckpt), "--out", str(real), "--n", "2", "--force"], capsys)
     assert "not written by sample" in err
-    assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file() and p.name != simgen.LOCK_FILE} == before
+    assert {
+        p: p.read_bytes() for p in real.rglob("*") if p.is_file() and p.name != simgen.LOCK_FILE
+    } == before
     # A folder sample wrote, plus one file of the user's: refused too, and the user's file stays.
     out = tmp_path / "out"
     simgen.main(["sample", str(tiny_ckpt), "--out", str(out), "--n", "2"])
@@ -1466,7 +1859,9 @@ def test_force_never_touches_a_folder_sample_did_not_write(tiny_ckpt, tmp_path, 
     err = cli_error(["sample", str(tiny_ckpt), "--out", str(out), "--n", "1", "--force"], capsys)
     assert "holds 1 files sample did not write (e.g. images/mine.png)" in err
     (out / "images" / "mine.png").unlink()
-    simgen.main(["sample", str(tiny_ckpt), "--out", str(out), "--n", "1", "--force"])  # its own files: replaced
+    simgen.main(
+        ["sample", str(tiny_ckpt), "--out", str(out), "--n", "1", "--force"]
+    )  # its own files: replaced
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png"]
 
 
@@ -1479,11 +1874,17 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, monkeyp
         if len(calls) == 3:
             with torch.no_grad():
                 opt.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+
     monkeypatch.setattr(simgen, "optimizer_step", poisoned)
-    err = cli_error(["train", "synthetic", "--preset", "tiny", "--ckpt-every", "1", "--out", str(tmp_path)], capsys)
+    err = cli_error(
+        ["train", "synthetic", "--preset", "tiny", "--ckpt-every", "1", "--out", str(tmp_path)],
+        capsys,
+    )
     assert "weights are not finite near step 3" in err and "(step 2) is kept" in err
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and all(v.isfinite().all() for k in ("model", "ema") for v in ckpt[k].values())
+    assert ckpt["step"] == 2 and all(
+        v.isfinite().all() for k in ("model", "ema") for v in ckpt[k].values()
+    )
 
 
 @pytest.mark.parametrize("how", ["path under a file", "torch.save raises"])
@@ -1492,42 +1893,58 @@ def test_an_unwritable_cache_is_a_warning_not_a_crash(tmp_path, monkeypatch, cap
         (tmp_path / "file").write_text("")
         monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "file" / "cache"))
     else:
+
         def refuse(*a, **k):
             raise RuntimeError("File cache.pt cannot be opened.")
+
         monkeypatch.setattr(data.torch, "save", refuse)
     root = make_squares(tmp_path / "ds", 3, 16, seed=0)
     a, b = PairedFolder(root, 16, "all"), PairedFolder(root, 16, "all")
     out = capsys.readouterr().out
-    assert out.count("cache not writable") == 1 and "cached in" not in out and "decoded, not cached" in out
+    assert (
+        out.count("cache not writable") == 1
+        and "cached in" not in out
+        and "decoded, not cached" in out
+    )
     assert torch.equal(a.images, b.images)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--ckpt-every", "0"], "--ckpt-every 0: must be >= 1"),
-    (["--sample-n", "0"], "--sample-n 0: must be >= 1"),
-    (["--image-size", "0"], "--image-size 0: must be >= 1"),
-    (["--base-channels", "0"], "--base-channels 0: must be >= 1"),
-    (["--timesteps", "0", "--schedule", "cosine"], "--timesteps 0: must be >= 1"),
-    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
-    (["--log-every", "0"], "--log-every 0: must be >= 1"),
-    (["--lr", "-1"], "--lr -1.0: must be > 0"),
-    (["--ema-decay", "1"], "--ema-decay 1.0: must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ckpt-every", "0"], "--ckpt-every 0: must be >= 1"),
+        (["--sample-n", "0"], "--sample-n 0: must be >= 1"),
+        (["--image-size", "0"], "--image-size 0: must be >= 1"),
+        (["--base-channels", "0"], "--base-channels 0: must be >= 1"),
+        (["--timesteps", "0", "--schedule", "cosine"], "--timesteps 0: must be >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (["--log-every", "0"], "--log-every 0: must be >= 1"),
+        (["--lr", "-1"], "--lr -1.0: must be > 0"),
+        (["--ema-decay", "1"], "--ema-decay 1.0: must be in [0, 1)"),
+    ],
+)
 def test_each_bad_train_flag_is_one_line_before_any_work(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
-    assert message in cli_error(["train", "synthetic", "--preset", "tiny", "--out", str(out), *argv], capsys)
+    assert message in cli_error(
+        ["train", "synthetic", "--preset", "tiny", "--out", str(out), *argv], capsys
+    )
     assert not out.exists()
 
 
 def test_bad_sample_flags_and_checkpoints_make_no_folder(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    for argv, message in ((["--steps", "-5"], "--steps -5: must be at least 1"),
-                          (["--n", "0"], "--n 0: must be at least 1"), (["--seed", "-1"], "--seed -1")):
+    for argv, message in (
+        (["--steps", "-5"], "--steps -5: must be at least 1"),
+        (["--n", "0"], "--n 0: must be at least 1"),
+        (["--seed", "-1"], "--seed -1"),
+    ):
         assert message in cli_error(["sample", str(tiny_ckpt), "--out", str(out), *argv], capsys)
     ckpt = torch.load(tiny_ckpt, weights_only=True)
     del ckpt["classes"]
     torch.save(ckpt, tmp_path / "old.pt")
-    assert "not a SimGen checkpoint" in cli_error(["sample", str(tmp_path / "old.pt"), "--out", str(out)], capsys)
+    assert "not a SimGen checkpoint" in cli_error(
+        ["sample", str(tmp_path / "old.pt"), "--out", str(out)], capsys
+    )
     assert not out.exists()
 
 
@@ -1540,7 +1957,9 @@ def test_the_cache_sees_a_same_size_same_mtime_swap(tmp_path):
     write_image(path, np.full((4, 4, 3), 7, np.uint8))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p or rsync -t keep it
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
-    assert torch.equal(PairedFolder(root, 4, "all").images[0], torch.full((3, 4, 4), 7, dtype=torch.uint8))
+    assert torch.equal(
+        PairedFolder(root, 4, "all").images[0], torch.full((3, 4, 4), 7, dtype=torch.uint8)
+    )
     assert not torch.equal(first.images[0], torch.full((3, 4, 4), 7, dtype=torch.uint8))
 
 
@@ -1566,9 +1985,13 @@ def test_resume_keeps_one_log_row_per_step_and_counts_seconds_on(tmp_path, capsy
     simgen.train(tiny(steps=8, ckpt_every=4, log_every=2), tmp_path, explicit={"steps"})
     table = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in table] == [2, 4, 6, 8]
-    assert float(table[2][3]) >= 100.0 and float(table[3][3]) >= float(table[2][3])  # on from the checkpoint's
+    assert float(table[2][3]) >= 100.0 and float(table[3][3]) >= float(
+        table[2][3]
+    )  # on from the checkpoint's
     out = capsys.readouterr().out
-    assert "amp=" not in out and "1 x cpu, fp32, eager" in out  # what a CPU runs, not the CUDA defaults
+    assert (
+        "amp=" not in out and "1 x cpu, fp32, eager" in out
+    )  # what a CPU runs, not the CUDA defaults
 
 
 # ------------------------------------------------------------------------------------------
@@ -1577,6 +2000,7 @@ def test_resume_keeps_one_log_row_per_step_and_counts_seconds_on(tmp_path, capsy
 
 def test_the_fast_path_trains_resumes_and_samples_on_a_cpu_without_recompiling(tmp_path, capsys):
     from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     counters.clear()
     fast = ["--amp", "--compile", "--channels-last"]
@@ -1585,7 +2009,10 @@ def test_the_fast_path_trains_resumes_and_samples_on_a_cpu_without_recompiling(t
         simgen.main(base + ["--steps", "3"])
         simgen.main(base + ["--steps", "5"])  # resumes at step 3
         out = capsys.readouterr().out
-        assert out.count("1 x cpu, bfloat16 autocast, compile, channels_last") == 2 and "resuming" in out
+        assert (
+            out.count("1 x cpu, bfloat16 autocast, compile, channels_last") == 2
+            and "resuming" in out
+        )
         # two graphs: the training step and the EMA's grid sampling, and no more after the resume
         assert counters["stats"]["unique_graphs"] == 2
         ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -1593,9 +2020,20 @@ def test_the_fast_path_trains_resumes_and_samples_on_a_cpu_without_recompiling(t
         assert all(v.isfinite().all() for v in ckpt["ema"].values())
         torch._dynamo.reset()
         counters.clear()
-        # 6 pairs in batches of 4: the last batch is drawn at 4 and cut to 2, so one graph serves both
-        simgen.main(["sample", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "s"), "--n", "6",
-                     "--batch-size", "4", *fast])
+        # 6 pairs in batches of 4: the last batch is drawn at 4 and cut to 2: one graph for both
+        simgen.main(
+            [
+                "sample",
+                str(tmp_path / "ckpt.pt"),
+                "--out",
+                str(tmp_path / "s"),
+                "--n",
+                "6",
+                "--batch-size",
+                "4",
+                *fast,
+            ]
+        )
         assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
         assert len(list((tmp_path / "s" / "images").iterdir())) == 6
     finally:
@@ -1626,8 +2064,11 @@ def test_dpm_solver_is_second_order_and_ddim_first_order_on_a_gaussian():
     def eps(x, t):
         at = a[t].view(-1, 1, 1, 1)
         return (1 - at).sqrt() * (x - at.sqrt() * mu) / (at * s * s + 1 - at)
+
     shape = (500, 1, 1, 1)
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).double()  # as sample_loop draws it
+    x_T = torch.randn(
+        shape, generator=torch.Generator().manual_seed(0)
+    ).double()  # as sample_loop draws it
     lam = 0.5 * (a / (1 - a)).log()
 
     def error(sampler, k):  # k steps evenly spaced in lambda, as dpm++ takes them
@@ -1638,6 +2079,7 @@ def test_dpm_solver_is_second_order_and_ddim_first_order_on_a_gaussian():
         x_t0 = a0.sqrt() * mu + (a0 * s * s + 1 - a0).sqrt() * z
         exact = mu + s * s * a0.sqrt() * (x_t0 - a0.sqrt() * mu) / (a0 * s * s + 1 - a0)
         return (x.double() - exact).abs().max().item()
+
     assert (lam.diff() < 0).all()  # lambda falls with t: even lambda steps are well defined
     ddim = [error("ddim", k) for k in (20, 40, 80)]
     dpm = [error("dpm++", k) for k in (20, 40, 80)]
@@ -1673,20 +2115,31 @@ def test_replacement_sampling_finds_the_conditional_mean_and_resampling_cuts_its
         at = d.alphas_cumprod[t].view(-1, 1, 1)
         c = at * cov + (1 - at) * torch.eye(2, dtype=torch.float64)
         return ((1 - at).sqrt() * torch.linalg.solve(c, x[:, :, 0, 0, None])).view_as(x)
+
     n = 1000
     known = torch.zeros(n, 2, 1, 1, dtype=torch.float64)
     known[:, 0] = a
     keep = torch.tensor([True, False]).view(1, 2, 1, 1)
     result = {}
     for resample in (1, 5):
-        x = d.sample_loop(eps, (n, 2, 1, 1), "ddpm", None, known, keep, resample,
-                          generator=torch.Generator().manual_seed(0))
+        x = d.sample_loop(
+            eps,
+            (n, 2, 1, 1),
+            "ddpm",
+            None,
+            known,
+            keep,
+            resample,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert torch.equal(x[:, 0], known[:, 0])  # the given channel comes out as given
         result[resample] = x[:, 1].double().mean().item(), x[:, 1].double().std().item()
     # Plain replacement is biased towards the unconditional mean 0 (its known bias); 5 rounds
     # of resampling bring it within 0.04 of r a = 0.45, with about the right spread.
     assert r * a - result[1][0] > 0.1
-    assert abs(result[5][0] - r * a) < 0.04 and abs(result[5][1] / (s * (1 - r * r) ** 0.5) - 1) < 0.15
+    assert (
+        abs(result[5][0] - r * a) < 0.04 and abs(result[5][1] / (s * (1 - r * r) ** 0.5) - 1) < 0.15
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -1697,14 +2150,23 @@ def test_given_half_comes_out_exactly_as_given(tiny_ckpt, tmp_path, capsys):
     val = PairedFolder("synthetic", 16, "val")
     for given in ("images", "masks"):
         capsys.readouterr()
-        out = simgen.sample(tiny_ckpt, tmp_path / given, n=5, sampler="dpm++", steps=5, batch_size=2,
-                            given=given, data_root="synthetic", split="val")
+        out = simgen.sample(
+            tiny_ckpt,
+            tmp_path / given,
+            n=5,
+            sampler="dpm++",
+            steps=5,
+            batch_size=2,
+            given=given,
+            data_root="synthetic",
+            split="val",
+        )
         back = PairedFolder(out, 16, "all")
         assert back.stems == val.stems[:5] and back.classes == val.classes
         out_text = capsys.readouterr().out
         if given == "images":
             assert torch.equal(back.images, val.images[:5])  # bitwise, after the PNG round trip
-            # the printed score is the generated masks' agreement with the dataset's, read back from disk
+            # the printed score: the generated masks' agreement with the dataset's, read from disk
             accuracy = (back.masks == val.masks[:5]).float().mean().item()
             assert f"pixel accuracy {accuracy:.3f}" in out_text
         else:
@@ -1713,17 +2175,23 @@ def test_given_half_comes_out_exactly_as_given(tiny_ckpt, tmp_path, capsys):
             assert np.array_equal(values, val.masks[0].numpy())  # synthetic values are the ids
             aligned = data.alignment_score(back.images, back.masks)
             assert f"mask -> image alignment {aligned:.3f}" in out_text
-        assert len(json.loads((out / "boxes.json").read_text())) == 5 and (out / "grid.png").exists()
+        assert (
+            len(json.loads((out / "boxes.json").read_text())) == 5 and (out / "grid.png").exists()
+        )
 
 
 def test_given_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     base = ["sample", str(tiny_ckpt), "--out", str(tmp_path / "o")]
     assert "--given and --data go together" in cli_error(base + ["--given", "images"], capsys)
     assert "--given and --data go together" in cli_error(base + ["--data", "synthetic"], capsys)
-    other = make_squares(tmp_path / "other", 9, 16, seed=0, value=200, spec={"background": 0, "tool": 200})
+    other = make_squares(
+        tmp_path / "other", 9, 16, seed=0, value=200, spec={"background": 0, "tool": 200}
+    )
     err = cli_error(base + ["--given", "masks", "--data", str(other)], capsys)
     assert "classes tool (200) have no class of that mask value" in err
-    assert "unknown split" in cli_error(base + ["--given", "images", "--data", "synthetic", "--split", "x"], capsys)
+    assert "unknown split" in cli_error(
+        base + ["--given", "images", "--data", "synthetic", "--split", "x"], capsys
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -1735,7 +2203,9 @@ def test_given_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
 def test_synthetic_k_has_k_present_classes_that_the_image_tells(k):
     val = PairedFolder(f"synthetic:{k}", 32, "val")
     assert val.num_classes == k and [c["value"] for c in val.classes] == list(range(k))
-    assert (torch.bincount(val.masks.flatten().long(), minlength=k) > 0).all()  # each class in the split
+    assert (
+        torch.bincount(val.masks.flatten().long(), minlength=k) > 0
+    ).all()  # each class in the split
     real = data.alignment_score(val.images, val.masks, k)
     shuffled = data.alignment_score(val.images, val.masks.roll(1, 0), k)
     assert real >= 0.9 and shuffled < 0.7
@@ -1744,16 +2214,26 @@ def test_synthetic_k_has_k_present_classes_that_the_image_tells(k):
     gaps = np.abs(colours[:, None] - colours[None]).max(-1) + np.eye(k) * 999
     assert gaps.min() >= 58
     # deterministic across processes: another interpreter makes the same scene
-    code = f"import data, hashlib; i, m = data.synthetic_scene(7, 32, {k}); print(hashlib.sha256(i.tobytes() + m.tobytes()).hexdigest())"
-    other = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    code = (
+        f"import data, hashlib; i, m = data.synthetic_scene(7, 32, {k}); "
+        "print(hashlib.sha256(i.tobytes() + m.tobytes()).hexdigest())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
     image, mask = data.synthetic_scene(7, 32, k)
     import hashlib
+
     assert other.stdout.strip() == hashlib.sha256(image.tobytes() + mask.tobytes()).hexdigest()
-    assert np.array_equal(val.images[0].permute(1, 2, 0).numpy(), data.synthetic_scene(880, 32, k)[0])
+    assert np.array_equal(
+        val.images[0].permute(1, 2, 0).numpy(), data.synthetic_scene(880, 32, k)[0]
+    )
 
 
 def test_synthetic_5_is_the_built_in_set_and_bad_k_is_one_line(tmp_path, capsys):
-    assert torch.equal(PairedFolder("synthetic:5", 16, "val").masks, PairedFolder("synthetic", 16, "val").masks)
+    assert torch.equal(
+        PairedFolder("synthetic:5", 16, "val").masks, PairedFolder("synthetic", 16, "val").masks
+    )
     for bad in ("synthetic:0", "synthetic:x", "synthetic:300"):
         err = cli_error(["train", bad, "--preset", "tiny", "--out", str(tmp_path / "r")], capsys)
         assert err == f"error: {bad}: use synthetic:K with K from 2 to 64 classes\n"
@@ -1762,8 +2242,16 @@ def test_synthetic_5_is_the_built_in_set_and_bad_k_is_one_line(tmp_path, capsys)
 
 def test_a_checkpoint_of_the_earlier_format_still_loads_samples_and_resumes(tiny_ckpt, tmp_path):
     ckpt = torch.load(tiny_ckpt, weights_only=True)
-    old = {k: v for k, v in ckpt["config"].items() if k not in ("log_every", "sampler", "sampler_steps")}
-    ckpt["config"] = {**old, "log_seconds": 5.0, "sample_ddim_steps": 3}  # the fields before 2026-11-22
+    old = {
+        k: v
+        for k, v in ckpt["config"].items()
+        if k not in ("log_every", "sampler", "sampler_steps")
+    }
+    ckpt["config"] = {
+        **old,
+        "log_seconds": 5.0,
+        "sample_ddim_steps": 3,
+    }  # the fields before 2026-11-22
     del ckpt["seconds"]
     (tmp_path / "run").mkdir()
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
@@ -1783,7 +2271,10 @@ def test_sde_dpm_solver_samples_the_data_distribution_of_a_gaussian():
     def eps(x, t):
         at = d.alphas_cumprod[t].view(-1, 1, 1, 1)
         return (1 - at).sqrt() * (x - at.sqrt() * mu) / (at * s * s + 1 - at)
-    x = d.sample_loop(eps, (4000, 1, 1, 1), "dpm++sde", 20, generator=torch.Generator().manual_seed(0)).double()
+
+    x = d.sample_loop(
+        eps, (4000, 1, 1, 1), "dpm++sde", 20, generator=torch.Generator().manual_seed(0)
+    ).double()
     assert abs(x.mean().item() - mu) < 0.01 and abs(x.std().item() / s - 1) < 0.05
     g, reference = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     d.sample_loop(eps, (4, 1, 1, 1), "dpm++sde", 5, generator=g)
