@@ -615,7 +615,7 @@ def train(cfg, out, explicit=()):
         params, ema_params = list(run.raw.parameters()), list(run.ema.parameters())
         csv = out / "log.csv" if rank == 0 else None  # a row per progress line
         progress = Progress(
-            cfg, run.step, run.seconds, run.log, world, csv, out, kept(out, run.step)
+            cfg, run.step, run.seconds, run.log, world, csv, out, what_is_kept(out, run.step)
         )
         pairs = None
         for step in range(run.step, cfg.steps):  # DDPM Algorithm 1: repeat until converged
@@ -623,7 +623,8 @@ def train(cfg, out, explicit=()):
             x, t, noise = training_batch(
                 run.images, run.masks, len(run.classes), cfg, step, rank, world, sp.channels_last
             )
-            # line 5: a gradient step on ||eps - eps_theta(sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t)||^2
+            # line 5: a gradient step on ||eps - eps_theta(x_t, t)||^2, with x_t from DDPM Eq. 4:
+            # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
             loss = train_step(model, run.opt, run.scaler, diffusion, x, t, noise, cfg, sp)
             # the EMA of the weights, which samples; warmed up, so early grids forget the init
             update_ema(ema_params, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
@@ -634,7 +635,7 @@ def train(cfg, out, explicit=()):
             if due or run.step % cfg.log_every == 0:
                 progress.report(run.step)  # the mean loss since the last line: waits for the GPU
             if due:
-                pairs = save(run, out, progress)
+                pairs = save_run(run, out, progress)
         finish(run, out, progress, pairs)
     return out / "ckpt.pt"
 
@@ -940,7 +941,7 @@ def setup(cfg, out, explicit, rank, world, device):
     return run
 
 
-def state(run, seconds):
+def checkpoint_state(run, seconds):
     """The checkpoint of a run: its keys are the checkpoint format (VERSION)."""
     ckpt = dict(
         model=run.raw.state_dict(),
@@ -958,7 +959,7 @@ def state(run, seconds):
 
 
 def load_state(run, ckpt):
-    """state()'s inverse: the run continues where the checkpoint stopped."""
+    """checkpoint_state()'s inverse: the run goes on where the checkpoint stopped."""
     run.raw.load_state_dict(ckpt["model"])
     run.ema.load_state_dict(ckpt["ema"])
     run.opt.load_state_dict(ckpt["optimizer"])
@@ -968,7 +969,7 @@ def load_state(run, ckpt):
     run.step, run.seconds = ckpt["step"], ckpt.get("seconds", 0.0)
 
 
-def save(run, out, progress):
+def save_run(run, out, progress):
     """At a checkpoint step: out/ckpt.pt and a sample grid (rank 0) -> the grid's pairs.
     The grid's noise is the same every time, so grids show the training, not the draw."""
     if not finite(run.raw, run.ema):  # never write a checkpoint that outputs NaN
@@ -976,8 +977,8 @@ def save(run, out, progress):
     if run.rank != 0:
         return None
     with progress.paused():  # the grid's sampling is not training time
-        save_checkpoint(out / "ckpt.pt", state(run, progress.seconds))
-        progress.advice = kept(out, run.step)
+        save_checkpoint(out / "ckpt.pt", checkpoint_state(run, progress.seconds))
+        progress.advice = what_is_kept(out, run.step)
         cfg, n = run.cfg, len(run.classes)
         g = make_generator(run.images.device, SAMPLE_STREAM, cfg.seed, 0)
         pairs = generate(
@@ -996,7 +997,7 @@ def save(run, out, progress):
     return pairs
 
 
-def kept(out, step):
+def what_is_kept(out, step):
     """What is left of a run stopped by a non-finite loss, for its error message."""
     if not step:
         return "stopped, no checkpoint was written"
@@ -1007,7 +1008,7 @@ def finish(run, out, progress, pairs):
     """After the last step: the summary, and on the built-in set the alignment of the last grid's
     pairs (a grid is made first when there was nothing left to train)."""
     if run.rank == 0:
-        pairs = pairs or save(run, out, progress)
+        pairs = pairs or save_run(run, out, progress)
         run.log(
             f"{out / 'ckpt.pt'}: step {run.step}, {progress.seconds:.0f}s of training; "
             f"grids in {out}"
@@ -1471,6 +1472,7 @@ def evaluate(
     for flag, value in (("--image-size", image_size), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
+    device = pick_device(device)
     for root in (real, fake):  # before any work: the real set's features take minutes
         data.check_root(root)
     size = image_size or folder_image_size(fake)
@@ -1482,7 +1484,6 @@ def evaluate(
     fake_ds = data.PairedFolder(fake, size, fake_split)
     real_ds = data.PairedFolder(real, size, real_split)
     fake_masks = class_map(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()]
-    device = pick_device(device)
     model, start = metrics.load_inception(), time.time()
     report = progress_report()
     real_feats, how = real_features(

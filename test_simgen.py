@@ -1257,7 +1257,7 @@ def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_pa
         simgen.Speed(),
         5,
         3,
-        simgen.make_generator("cpu", 2, 1, 0),
+        simgen.make_generator("cpu", simgen.SAMPLE_STREAM, 1, 0),
         torch.device("cpu"),
         "ddim",
         5,
@@ -1447,6 +1447,10 @@ def test_eval_errors_are_one_line(tmp_path, stand_in, capsys, monkeypatch):
     assert "dataset folder not found" in cli_error(
         ["eval", str(real), str(tmp_path / "missing")], capsys
     )
+    bad = ["eval", str(real), str(real), "--device"]
+    assert "--device gpu0: not a device name" in cli_error(bad + ["gpu0"], capsys)
+    if not torch.cuda.is_available():
+        assert "--device cuda: CUDA is not available here" in cli_error(bad + ["cuda"], capsys)
     monkeypatch.undo()  # the real load_inception, with a weights file that is not there
     monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(metrics.WEIGHTS_ENV, str(tmp_path / "nope.pt"))
@@ -1606,7 +1610,11 @@ def test_each_mask_encoding_trains_samples_and_reads_back(tmp_path, scheme, stan
     model = simgen.ResUNet(simgen.Config(**ckpt["config"])).eval()
     model.load_state_dict(ckpt["ema"])
     x = simgen.GaussianDiffusion(cfg.timesteps).sample_loop(
-        model, (3, 6, 16, 16), "ddim", 4, generator=simgen.make_generator("cpu", 2, 0, 0)
+        model,
+        (3, 6, 16, 16),
+        "ddim",
+        4,
+        generator=simgen.make_generator("cpu", simgen.SAMPLE_STREAM, 0, 0),
     )
     for other in cfl.SCHEMES:
         assert torch.equal(cfl.decode(x[:, 3:], 3, other), back.masks.long()) == (
@@ -1695,9 +1703,9 @@ def test_training_batch_is_algorithm_1_lines_2_to_4_from_seed_and_step():
     # cfl.encode with its range check.
     ds = data.PairedFolder("synthetic", 16, "train")
     x, t, noise = simgen.training_batch(ds.images, ds.masks, ds.num_classes, TINY, step=3)
-    g = simgen.make_generator("cpu", 0, TINY.seed, 3)
+    g = simgen.make_generator("cpu", simgen.BATCH_STREAM, TINY.seed, 3)
     idx = torch.randint(len(ds.images), (TINY.batch_size,), generator=g)
-    g = simgen.make_generator("cpu", 1, TINY.seed, 3, 0)
+    g = simgen.make_generator("cpu", simgen.RANK_STREAM, TINY.seed, 3, 0)
     image, mask = data.flip(ds.images[idx], ds.masks[idx], g)
     want = torch.cat(
         [image.float() / 127.5 - 1, cfl.encode(mask, ds.num_classes, TINY.mask_scheme)], 1
@@ -1759,8 +1767,9 @@ def test_peak_table_matches_the_longest_name_first():
     assert simgen.peak_tflops("NVIDIA GeForce RTX 3050") == (None, None)
 
 
-def test_bench_writes_every_number(tmp_path, capsys):
+def test_bench_writes_every_number(tmp_path, capsys, monkeypatch):
     path = tmp_path / "bench.json"
+    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(reference_file()))  # a TorchScript file: timed too
     simgen.main(["bench", "--config", "tiny", "--repeats", "1", "--json", str(path)])
     res = json.loads(path.read_text())
     assert {
@@ -1794,8 +1803,8 @@ def test_bench_writes_every_number(tmp_path, capsys):
         "dpm++sde_20_s",
     }
     assert all(v > 0 for v in res["sample"].values())
-    assert res["fid"]["hand_rolled_images_per_s"] > 0
-    assert res["fid"]["reference_images_per_s"] is None or res["fid"]["reference_images_per_s"] > 0
+    assert res["fid"]["weights"] == "FID" and res["fid"]["hand_rolled_images_per_s"] > 0
+    assert res["fid"]["reference_images_per_s"] > 0
     out = capsys.readouterr().out
     assert (
         "eager fp32" in out
