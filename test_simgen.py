@@ -30,6 +30,18 @@ needs_kvasir = pytest.mark.skipif(
     not KVASIR.is_dir(), reason=f"{KVASIR} absent (real Kvasir-SEG, in ../shared)"
 )
 TINY = simgen.replace(simgen.Config(), **simgen.PRESETS["tiny"])
+# metrics.distances' keys
+SCORES = {
+    "fid",
+    "kid",
+    "kid_std",
+    "kid_subset_size",
+    "sfid",
+    "skid",
+    "per_class",
+    "n_real",
+    "n_fake",
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -423,17 +435,7 @@ def test_distances_of_features_on_a_constructed_case(tmp_path):
     good = scores(model, (real_images, real_masks), (fake_images, fake_masks))
     moved_masks = squares(12, seed=1, shift=12)[1]
     moved = scores(model, (real_images, real_masks), (fake_images, moved_masks))
-    assert good.keys() == {
-        "fid",
-        "kid",
-        "kid_std",
-        "kid_subset_size",
-        "sfid",
-        "skid",
-        "per_class",
-        "n_real",
-        "n_fake",
-    }
+    assert good.keys() == SCORES
     assert good["n_real"] == good["n_fake"] == good["kid_subset_size"] == 12
     rows = [(r["class"], r["n_real"], r["n_fake"]) for r in good["per_class"]]
     assert rows == [(0, 12, 12), (1, 12, 12)]
@@ -1355,23 +1357,8 @@ def test_eval_matches_classes_by_value_and_caches_the_real_set(tmp_path, stand_i
     other = make_squares(tmp_path / "other", 5, 32, seed=1, spec={"polyp": 255, "background": 0})
     js = str(tmp_path / "s.json")
     out, s = run(["eval", str(real), str(same), "--json", js, "--batch-size", "4"], capsys)
-    assert s.keys() == {
-        "real",
-        "real_split",
-        "fake",
-        "fake_split",
-        "image_size",
-        "real_features",
-        "fid",
-        "kid",
-        "kid_std",
-        "kid_subset_size",
-        "sfid",
-        "skid",
-        "n_real",
-        "n_fake",
-        "per_class",
-    }
+    sets = {"real", "real_split", "fake", "fake_split", "image_size", "real_features"}
+    assert s.keys() == SCORES | sets
     assert (s["image_size"], s["n_real"], s["n_fake"], s["real_features"]) == (32, 6, 6, "computed")
     # a set against itself: 0, which needs the swapped ids matched back by value
     assert abs(s["fid"]) < 1e-6 and abs(s["sfid"]) < 1e-6
