@@ -125,5 +125,6 @@ def ambiguous(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
 
 def colorize(mask: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     """Class ids (..., H, W) -> uint8 RGB picture (..., H, W, 3) in the scheme's colours."""
+    # [-1, 1] -> 0..255 as data.to_uint8 maps images; written out so that cfl.py stands alone
     rgb = ((palette(n, scheme) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return rgb.to(mask.device)[mask.long()]

@@ -914,19 +914,19 @@ def setup(cfg, out, explicit, rank, world, device):
     raw = ResUNet(cfg).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
     run = Run(
-        cfg,
-        raw,
-        ema,
-        adam(raw, cfg, device),
-        grad_scaler(sp, device),
-        sp,
-        GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device),
-        ds.images.to(device),
-        ds.masks.to(device),
-        ds.classes,
-        rank,
-        world,
-        log,
+        cfg=cfg,
+        raw=raw,
+        ema=ema,
+        opt=adam(raw, cfg, device),
+        scaler=grad_scaler(sp, device),
+        speed=sp,
+        diffusion=GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device),
+        images=ds.images.to(device),
+        masks=ds.masks.to(device),
+        classes=ds.classes,
+        rank=rank,
+        world=world,
+        log=log,
     )
     if ckpt is not None:
         load_state(run, ckpt)
@@ -1874,9 +1874,6 @@ def bench_training(cfg, images, masks, num_classes, peak, repeats, device):
     """Three variants of train's step -> ({variant: numbers}, FLOPs per step, the last step)."""
     print("training", flush=True)
     cuda, rows, flops = device.type == "cuda", {}, None
-    if cuda:  # as train sets them
-        allow_tf32()
-        torch.backends.cudnn.benchmark = True
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     half = speed(cfg, device, {"amp"}).amp
     dtype = str(half)[6:]
