@@ -979,20 +979,13 @@ def save_run(run, out, progress):
     with progress.paused():  # the grid's sampling is not training time
         save_checkpoint(out / "ckpt.pt", checkpoint_state(run, progress.seconds))
         progress.advice = what_is_kept(out, run.step)
-        cfg, n = run.cfg, len(run.classes)
-        g = make_generator(run.images.device, SAMPLE_STREAM, cfg.seed, 0)
+        cfg, n, device = run.cfg, len(run.classes), run.images.device
+        g = make_generator(device, SAMPLE_STREAM, cfg.seed, 0)
+        how = dict(sampler=cfg.sampler, steps=cfg.sampler_steps)
         pairs = generate(
-            run.grid_model,
-            run.diffusion,
-            cfg,
-            run.speed,
-            n,
-            cfg.sample_n,
-            g,
-            run.images.device,
-            cfg.sampler,
-            cfg.sampler_steps,
-        )[:2]
+            run.grid_model, run.diffusion, cfg, run.speed, n, cfg.sample_n, g, device, **how
+        )
+        pairs = pairs[:2]  # images and masks
         Image.fromarray(grid(*pairs, n, cfg.mask_scheme)).save(out / f"grid_{run.step:07d}.png")
     return pairs
 
