@@ -97,9 +97,8 @@ def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     """
     codes = palette(n, scheme).to(device=x.device, dtype=x.dtype)
     if scheme == "cfl":
-        x_unit = torch.nn.functional.normalize(
-            x, dim=-3
-        )  # cosine similarity = dot product of unit vectors
+        # cosine similarity = dot product of unit vectors
+        x_unit = torch.nn.functional.normalize(x, dim=-3)
         score = torch.einsum("...chw,kc->...khw", x_unit, codes)  # (..., n, H, W)
     else:
         # -|x - c|^2 up to the term |x|^2, which is the same for every class.

@@ -216,9 +216,8 @@ def _decode_folder(root, pairs, size):
             raise DataError(
                 f"{mask_path}: mask values {unknown[:5]} are not in {root / 'classes.json'}"
             )
-        masks.append(
-            np.array([index[c] for c in codes.tolist()], np.uint8)[local]
-        )  # file's index -> class id
+        # file's index -> class id
+        masks.append(np.array([index[c] for c in codes.tolist()], np.uint8)[local])
     classes = [
         {"id": i, "name": n, "value": _value(c, grey)} for i, (n, c) in enumerate(named.items())
     ]
@@ -313,9 +312,8 @@ def _split(root, stems, split):
         return [i for i, s in enumerate(stems) if s in wanted]
     if split == "test":
         raise DataError(f"{root}: no test split (no test.txt); use train, val or all")
-    n_val = round(
-        VAL_FRACTION * len(stems)
-    )  # the last stems, so adding files later moves few pairs
+    # the last stems, so adding files later moves few pairs
+    n_val = round(VAL_FRACTION * len(stems))
     return (
         list(range(len(stems) - n_val))
         if split == "train"
@@ -367,9 +365,8 @@ class PairedFolder(torch.utils.data.Dataset):
             # the name tells folders of the same name apart, and sizes, for deleting stale files
             name = f"{real.name}-{hashlib.sha256(str(real).encode()).hexdigest()[:8]}-{image_size}"
             build = partial(_decode_folder, folder, pairs, image_size)
-        index = torch.tensor(
-            _split(self.root, stems, split), dtype=torch.long
-        )  # a bad split fails fast
+        # a bad split fails fast
+        index = torch.tensor(_split(self.root, stems, split), dtype=torch.long)
         if not len(index):
             raise DataError(
                 f"{self.root}: no pairs in its {split} split ({len(stems)} pairs in all)"
@@ -432,9 +429,8 @@ def connected_boxes(mask):
     """
     m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
     h, w = m.shape
-    label = np.arange(h * w).reshape(
-        h, w
-    )  # each pixel starts as its own region, named by its index
+    # each pixel starts as its own region, named by its index
+    label = np.arange(h * w).reshape(h, w)
     same_v, same_h = m[1:] == m[:-1], m[:, 1:] == m[:, :-1]
     while True:
         # Each pixel takes the smallest label among itself and its same-class 4-neighbours ...
@@ -447,13 +443,11 @@ def connected_boxes(mask):
         if np.array_equal(new, label):
             break
         label = new
-    roots, inverse = np.unique(
-        label.ravel(), return_inverse=True
-    )  # root = the region's first pixel
+    # root = the region's first pixel
+    roots, inverse = np.unique(label.ravel(), return_inverse=True)
     ys, xs = np.divmod(np.arange(h * w), w)
-    box = np.tile(
-        np.array([w, h, -1, -1]), (len(roots), 1)
-    )  # min x, min y, max x, max y per region
+    # min x, min y, max x, max y per region
+    box = np.tile(np.array([w, h, -1, -1]), (len(roots), 1))
     for col, (reduce, coord) in enumerate(
         [(np.minimum, xs), (np.minimum, ys), (np.maximum, xs), (np.maximum, ys)]
     ):
@@ -600,9 +594,8 @@ def synthetic_scene(index, size, k):
         mask[inside] = c
     ids = np.arange(k)[:, None, None]
     turn = ids * 2.39996  # the golden angle: neighbouring ids get far-apart stripe directions
-    texture = 6 * np.sin(
-        2 * np.pi * (2 + ids % 5) * (u * np.cos(turn) + v * np.sin(turn))
-    )  # (k, S, S)
+    # (k, S, S)
+    texture = 6 * np.sin(2 * np.pi * (2 + ids % 5) * (u * np.cos(turn) + v * np.sin(turn)))
     light = np.take_along_axis(texture, mask[None].astype(np.int64), 0)[0] + rng.normal(
         0, 4, (size, size)
     )
@@ -639,9 +632,8 @@ def alignment_score(images, masks, k=5):
     x = torch.as_tensor(images)
     x = x.float() if x.dtype == torch.uint8 else to_uint8(x).float()
     if k == 5:
-        x = F.avg_pool2d(
-            x, 3, stride=1, padding=1, count_include_pad=False
-        )  # borders average real pixels only
+        # borders average real pixels only
+        x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
     means = torch.tensor(synthetic_colours(k), dtype=torch.float32, device=x.device)
     dist = (x[:, None] - means[None, :, :, None, None]).square().sum(2)  # (B, K, H, W)
     return (dist.argmin(1) == torch.as_tensor(masks, device=x.device).long()).float().mean().item()

@@ -306,9 +306,8 @@ class GaussianDiffusion:
         betas = get_named_beta_schedule(schedule, T)
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)  # alpha_bar_t
-        alphas_cumprod_prev = np.append(
-            1.0, alphas_cumprod[:-1]
-        )  # alpha_bar_{t-1}, alpha_bar_0 = 1
+        # alpha_bar_{t-1}, alpha_bar_0 = 1
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         buffers = dict(
             betas=betas,
             alphas_cumprod=alphas_cumprod,
@@ -424,9 +423,8 @@ class GaussianDiffusion:
         eta = 1 it is DDPM Algorithm 2 again. eta = 0 draws no noise: deterministic given x_T.
         """
         out = self.p_mean_variance(model, x, t)
-        eps = self._predict_eps_from_xstart(
-            x, t, out["pred_xstart"]
-        )  # consistent with the clipped x_0
+        # consistent with the clipped x_0
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         a_t, a_prev = self._extract(self.alphas_cumprod, t, x), self._alpha_bar(t_prev, x)
         x_prev = out["pred_xstart"] * a_prev.sqrt()
         if eta == 0:
@@ -1841,9 +1839,8 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
         f"on {os.cpu_count()} cores",
         flush=True,
     )
-    ds = data.PairedFolder(
-        "synthetic", cfg.image_size, "train"
-    )  # cached; on the device, as in train
+    # cached; on the device, as in train
+    ds = data.PairedFolder("synthetic", cfg.image_size, "train")
     images, masks = ds.images.to(device), ds.masks.to(device)
     k = ds.num_classes
     res["train"], res["train_flops_per_step"], step = bench_training(

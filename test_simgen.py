@@ -164,9 +164,8 @@ def test_cfl_decode_survives_noise_below_half_the_smallest_chord(n):
     mask = torch.arange(n).repeat(50).view(1, -1, 1)  # (1, 50n, 1): every class 50 times
     x = cfl.encode(mask, n)
     e = torch.randn(x.shape, generator=g)
-    e = (
-        e / e.norm(dim=-3, keepdim=True) * (0.499 * chord)
-    )  # random directions, |e| just under chord/2
+    # random directions, |e| just under chord/2
+    e = e / e.norm(dim=-3, keepdim=True) * (0.499 * chord)
     assert torch.equal(cfl.decode(x + e, n), mask)
     # And the bound is tight in the worst direction: half the chord towards a neighbour ties.
     i, j = divmod(int((torch.cdist(p, p) + torch.eye(n, dtype=torch.float64) * 10).argmin()), n)
@@ -734,18 +733,18 @@ def test_rgb_colour_masks_with_classes_json(tmp_path):
 def test_lossy_jpeg_masks_are_thresholded(tmp_path):
     # uniform 8 x 8 JPEG blocks decode exactly here, so levels next to 128 test the threshold itself
     levels = np.array([0, 120, 136, 255, 128, 127, 129, 200], np.uint8)
-    mask = np.kron(
-        np.stack([np.roll(levels, k) for k in range(8)]), np.ones((8, 8), np.uint8)
-    )  # (64, 64)
+    # (64, 64)
+    mask = np.kron(np.stack([np.roll(levels, k) for k in range(8)]), np.ones((8, 8), np.uint8))
     root = make_dataset(tmp_path / "ds", [mask], mask_ext="jpg", image_ext="jpg")
     d = PairedFolder(root, 64, "all")
     assert [c["value"] for c in d.classes] == [0, 255]
     assert np.array_equal(d.masks[0].numpy(), mask >= 128)
     empty = make_dataset(tmp_path / "empty", [np.zeros((8, 8), np.uint8)], mask_ext="jpg")
+    # binary, even with no foreground
     assert [c["value"] for c in PairedFolder(empty, 8, "all").classes] == [
         0,
         255,
-    ]  # binary, even with no foreground
+    ]
 
 
 @pytest.mark.parametrize("kind", ["grey", "colour"])
@@ -757,9 +756,8 @@ def test_mask_to_values_round_trip(tmp_path, kind):
     d = PairedFolder(make_dataset(tmp_path / "ds", masks), 8, "all")
     out = [data.mask_to_values(m, d.classes) for m in d.masks]
     assert all(o.dtype == np.uint8 and np.array_equal(o, m) for o, m in zip(out, masks))
-    again = PairedFolder(
-        make_dataset(tmp_path / "again", out), 8, "all"
-    )  # written back, read again
+    # written back, read again
+    again = PairedFolder(make_dataset(tmp_path / "again", out), 8, "all")
     assert again.classes == d.classes and torch.equal(again.masks, d.masks)
 
 
@@ -900,12 +898,12 @@ def test_cache_hit_returns_identical_tensors(tmp_path, simgen_cache, monkeypatch
 def test_changed_file_and_corrupt_cache_are_rebuilt(tmp_path, simgen_cache):
     root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 2)
     assert PairedFolder(root, 4, "all").num_classes == 1
-    write_image(
-        root / "masks" / "s001.png", np.eye(4, dtype=np.uint8) * 5
-    )  # new content, new size/mtime
+    # new content, new size/mtime
+    write_image(root / "masks" / "s001.png", np.eye(4, dtype=np.uint8) * 5)
+    # stale one gone
     assert (
         PairedFolder(root, 4, "all").num_classes == 2 and len(list(simgen_cache.glob("*.pt"))) == 1
-    )  # stale one gone
+    )
     for p in simgen_cache.glob("*.pt"):
         p.write_bytes(b"garbage")
     d = PairedFolder(root, 4, "all")
@@ -1471,12 +1469,10 @@ def test_iou_against_a_hand_computed_answer():
 
 
 def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, capsys):
-    real = make_squares(
-        tmp_path / "real", 10, 16, seed=1
-    )  # train split: 9 pairs (last 12 % are val)
-    gen = make_squares(
-        tmp_path / "gen", 6, 16, seed=2, spec={"polyp": 255, "background": 0}
-    )  # ids swapped
+    # train split: 9 pairs (last 12 % are val)
+    real = make_squares(tmp_path / "real", 10, 16, seed=1)
+    # ids swapped
+    gen = make_squares(tmp_path / "gen", 6, 16, seed=2, spec={"polyp": 255, "background": 0})
     test = make_squares(tmp_path / "test", 6, 16, seed=3)
     args = [
         "segment",
@@ -1708,9 +1704,8 @@ def test_diffusion_to_moves_every_buffer_and_cpu_sampling_is_eager():
     assert len(buffers) >= 11 and all(v.device.type == "meta" for v in buffers.values())
     model = simgen.ResUNet(TINY)
     cpu = torch.device("cpu")
-    assert (
-        simgen.sampling_model(model, simgen.speed(TINY, cpu), cpu) is model
-    )  # no compile on a CPU
+    # no compile on a CPU
+    assert simgen.sampling_model(model, simgen.speed(TINY, cpu), cpu) is model
 
 
 @pytest.mark.parametrize(
@@ -1855,9 +1850,8 @@ def test_force_never_touches_a_folder_sample_did_not_write(tiny_ckpt, tmp_path, 
     err = cli_error(["sample", str(tiny_ckpt), "--out", str(out), "--n", "1", "--force"], capsys)
     assert "holds 1 files sample did not write (e.g. images/mine.png)" in err
     (out / "images" / "mine.png").unlink()
-    simgen.main(
-        ["sample", str(tiny_ckpt), "--out", str(out), "--n", "1", "--force"]
-    )  # its own files: replaced
+    # its own files: replaced
+    simgen.main(["sample", str(tiny_ckpt), "--out", str(out), "--n", "1", "--force"])
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png"]
 
 
@@ -1981,13 +1975,11 @@ def test_resume_keeps_one_log_row_per_step_and_counts_seconds_on(tmp_path, capsy
     simgen.train(tiny(steps=8, ckpt_every=4, log_every=2), tmp_path, explicit={"steps"})
     table = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in table] == [2, 4, 6, 8]
-    assert float(table[2][3]) >= 100.0 and float(table[3][3]) >= float(
-        table[2][3]
-    )  # on from the checkpoint's
+    # on from the checkpoint's
+    assert float(table[2][3]) >= 100.0 and float(table[3][3]) >= float(table[2][3])
     out = capsys.readouterr().out
-    assert (
-        "amp=" not in out and "1 x cpu, fp32, eager" in out
-    )  # what a CPU runs, not the CUDA defaults
+    # what a CPU runs, not the CUDA defaults
+    assert "amp=" not in out and "1 x cpu, fp32, eager" in out
 
 
 # ------------------------------------------------------------------------------------------
@@ -2062,9 +2054,8 @@ def test_dpm_solver_is_second_order_and_ddim_first_order_on_a_gaussian():
         return (1 - at).sqrt() * (x - at.sqrt() * mu) / (at * s * s + 1 - at)
 
     shape = (500, 1, 1, 1)
-    x_T = torch.randn(
-        shape, generator=torch.Generator().manual_seed(0)
-    ).double()  # as sample_loop draws it
+    # as sample_loop draws it
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).double()
     lam = 0.5 * (a / (1 - a)).log()
 
     def error(sampler, k):  # k steps evenly spaced in lambda, as dpm++ takes them
@@ -2199,9 +2190,8 @@ def test_given_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
 def test_synthetic_k_has_k_present_classes_that_the_image_tells(k):
     val = PairedFolder(f"synthetic:{k}", 32, "val")
     assert val.num_classes == k and [c["value"] for c in val.classes] == list(range(k))
-    assert (
-        torch.bincount(val.masks.flatten().long(), minlength=k) > 0
-    ).all()  # each class in the split
+    # each class in the split
+    assert (torch.bincount(val.masks.flatten().long(), minlength=k) > 0).all()
     real = data.alignment_score(val.images, val.masks, k)
     shuffled = data.alignment_score(val.images, val.masks.roll(1, 0), k)
     assert real >= 0.9 and shuffled < 0.7
@@ -2243,11 +2233,12 @@ def test_a_checkpoint_of_the_earlier_format_still_loads_samples_and_resumes(tiny
         for k, v in ckpt["config"].items()
         if k not in ("log_every", "sampler", "sampler_steps")
     }
+    # the fields before 2026-11-22
     ckpt["config"] = {
         **old,
         "log_seconds": 5.0,
         "sample_ddim_steps": 3,
-    }  # the fields before 2026-11-22
+    }
     del ckpt["seconds"]
     (tmp_path / "run").mkdir()
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
