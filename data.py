@@ -15,9 +15,12 @@ Each file is decoded once per image_size and the uint8 tensors are cached with t
 $SIMGEN_CACHE (default ~/.cache/simgen), never inside the dataset folder, which may be read-only.
 """
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import time
 from functools import partial
@@ -458,6 +461,152 @@ def connected_boxes(mask):
     return dict(sorted(out.items()))
 
 
+def match_classes(classes, target, where):
+    """Lookup table from the class ids of `classes` to the ids in `target` of the same mask value.
+
+    :param classes, target: PairedFolder.classes lists; where: the folder named in the error
+    :return: long tensor (len(classes),): target_ids = table[ids]
+    """
+
+    def rgb(v):  # ids follow each folder's own sorted values: classes are matched by value
+        return (v,) * 3 if isinstance(v, int) else tuple(v)
+
+    same = {rgb(c["value"]): c for c in target}
+    unknown = [f"{c['name']} ({c['value']})" for c in classes if rgb(c["value"]) not in same]
+    if unknown:
+        raise DataError(
+            f"{where}: classes {', '.join(unknown)} have no class of that mask value in the "
+            "reference set"
+        )
+    # Same value, other name: maybe another dataset's classes (synthetic tissue as background).
+    pairs = [(c, same[rgb(c["value"])]) for c in classes]
+    renamed = [
+        f"{c['name']} as {t['name']} ({c['value']})" for c, t in pairs if c["name"] != t["name"]
+    ]
+    if renamed:
+        print(
+            f"warning: {where}: classes matched by mask value but named differently: "
+            f"{', '.join(renamed)}; check that both folders hold the same classes"
+        )
+    return torch.tensor([same[rgb(c["value"])]["id"] for c in classes])
+
+
+def folder_image_size(root):
+    """S when every image of root/images is S pixels on its shorter side and all share one size,
+    else None ("synthetic" and folders without images/ too)."""
+    folder, sizes = Path(str(root)) / "images", set()
+    for p in folder.iterdir() if folder.is_dir() else []:
+        if p.suffix.lower() in EXTENSIONS:
+            with Image.open(p) as im:  # reads the header only
+                sizes.add(im.size)
+    return min(sizes.pop()) if len(sizes) == 1 else None
+
+
+# ------------------------------------------------------------------------ writing dataset folders
+
+LOCK_FILE = ".simgen.lock"  # in a run or output folder while a process writes there; its PID
+SAMPLE_MANIFEST = ".simgen-sample.json"  # in a sample folder: every file sample writes there
+SAMPLE_FOLDERS = ("images", "masks", "masks_color")
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on folder (made if absent) while the `with` block runs.
+
+    Two processes writing one folder corrupt each other's files. flock is dropped by the kernel
+    when the process ends, however it ends, so a killed run never blocks its own resume.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise DataError(
+                f"{folder}: in use by another simgen process (PID {holder}); "
+                "wait for it to end, or choose another folder"
+            ) from None
+        f.truncate(0)  # "a+" appends: the PID is now the whole file
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def prepare_output(out, stems, force):
+    """Make folder out ready for pairs named by stems (write_pairs), grid.png, boxes.json and
+    classes.json.
+
+    A folder that holds anything sample did not write is refused, even with force: force removes
+    only the files listed in the manifest an earlier sample left there. The new manifest is
+    written before the first file, so a killed run is cleaned up by the next force.
+    """
+    files = [f"{sub}/{stem}.png" for sub in SAMPLE_FOLDERS for stem in stems]
+    files += ["grid.png", "boxes.json", "classes.json"]
+    manifest, present = out / SAMPLE_MANIFEST, []
+    if out.is_dir():
+        present = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        present = [p for p in present if p not in (LOCK_FILE, SAMPLE_MANIFEST)]
+    if present:
+        try:
+            written = set(json.loads(manifest.read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(
+                f"{out}: not empty, and not written by sample (no readable {SAMPLE_MANIFEST}); "
+                "choose a new or empty folder"
+            ) from None
+        foreign = [p for p in present if p not in written]
+        if foreign:
+            raise DataError(
+                f"{out}: holds {len(foreign)} files sample did not write (e.g. {foreign[0]}); "
+                "not touched, even with --force: choose another folder"
+            )
+        if not force:
+            raise DataError(f"{out}: holds an earlier sample; pass --force to replace it")
+        for p in present:  # every one of them listed in the manifest: sample's own files
+            (out / p).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"files": sorted(files)}))
+    for sub in SAMPLE_FOLDERS:
+        (out / sub).mkdir(exist_ok=True)
+
+
+def write_pairs(out, stems, pairs, classes):
+    """Write pairs as prepare_output's folder expects them, as lossless PNG: images/<stem>.png,
+    masks/<stem>.png in the dataset's own values (a drop-in dataset) and masks_color/<stem>.png.
+
+    :param pairs: images uint8 (B, 3, S, S), masks (B, S, S) class ids, colours uint8 (B, S, S, 3)
+    :return: {stem: {class name: [[x0, y0, x1, y1], ...]}}, the regions' boxes (connected_boxes)
+    """
+    boxes, names = {}, [c["name"] for c in classes]
+    for stem, image, mask, colour in zip(stems, *pairs):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / "images" / f"{stem}.png")
+        Image.fromarray(mask_to_values(mask, classes)).save(out / "masks" / f"{stem}.png")
+        Image.fromarray(colour.numpy()).save(out / "masks_color" / f"{stem}.png")
+        boxes[stem] = {names[c]: b for c, b in connected_boxes(mask).items()}
+    return boxes
+
+
+def grid(images, colours):
+    """A picture of pairs, each as image | coloured mask | overlay, in a near-square layout.
+
+    :param images: uint8 (B, 3, S, S); colours: uint8 (B, S, S, 3), e.g. cfl.colorize's
+    :return: PIL.Image; small samples are enlarged (nearest) to be seen
+    """
+    images = images.permute(0, 2, 3, 1)  # (B, S, S, 3)
+    overlay = ((images.float() + colours.float()) / 2).round().to(torch.uint8)
+    triplets = torch.cat([images, colours, overlay], 2)  # (B, S, 3S, 3)
+    b, s, w = triplets.shape[:3]
+    cols, pad = math.ceil(math.sqrt(b)), 2  # white 2-pixel gaps
+    rows = math.ceil(b / cols)
+    canvas = torch.full((rows * (s + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=torch.uint8)
+    for k in range(b):
+        y, x = pad + k // cols * (s + pad), pad + k % cols * (w + pad)
+        canvas[y : y + s, x : x + w] = triplets[k]
+    zoom = max(1, 128 // s)
+    return Image.fromarray(canvas.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1).numpy())
+
+
 # ------------------------------------------------------------------------- built-in synthetic data
 
 SYNTHETIC_CLASSES = ("tissue", "organ", "fat", "tool_shaft", "tool_tip")
@@ -637,3 +786,11 @@ def alignment_score(images, masks, k=5):
     means = torch.tensor(synthetic_colours(k), dtype=torch.float32, device=x.device)
     dist = (x[:, None] - means[None, :, :, None, None]).square().sum(2)  # (B, K, H, W)
     return (dist.argmin(1) == torch.as_tensor(masks, device=x.device).long()).float().mean().item()
+
+
+def alignment_report(images, masks, k=5, real=None):
+    """'0.852 (same images, shuffled masks 0.426; real pairs 0.952)': alignment_score of the pairs,
+    beside the same images with the masks shuffled and, if given, of real (images, masks)."""
+    shuffled = alignment_score(images, masks.roll(1, 0), k)
+    text = f"{alignment_score(images, masks, k):.3f}  (same images, shuffled masks {shuffled:.3f}"
+    return text + (f"; real pairs {alignment_score(*real, k):.3f})" if real else ")")
