@@ -90,10 +90,11 @@ def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     to k whenever |e| is below half the smallest chord between two points.
 
     gray, random: the nearest code in Euclidean distance.
-    # Note: the paper decodes every scheme by cosine similarity, which cannot separate grey
-    # codes (v, v, v): they all point along one line, so only the sign of v survives and
-    # "all pixels map to a single class" (§5.3). Nearest-code decoding gives the ablated
-    # encodings their best chance; the comparison then measures the encoding alone.
+    # Deviation: the paper decodes every scheme by cosine similarity, which cannot separate
+    # grey codes (v, v, v): they all point along one line, so only the sign of v survives and
+    # "all pixels map to a single class" (§5.3, Fig. 11). Nearest-code decoding removes that
+    # collapse and gives the ablated encodings their best chance, so that the comparison
+    # measures the encoding alone.
     """
     codes = palette(n, scheme).to(device=x.device, dtype=x.dtype)
     if scheme == "cfl":

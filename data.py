@@ -277,13 +277,14 @@ def save_cache(path, save):
     return True
 
 
-def _cached(name, key, build):
-    """The dataset dict for key from the cache, else build() it and cache it."""
+def cached(name, key, build):
+    """The dict for key from the cache, else build() it and cache it -> (dict, how it was got).
+    The dict holds what torch.load(weights_only=True) reads: tensors, lists, numbers, strings."""
     path = cache_file(name, key, ".pt")
     if path.exists():
         try:
             data = torch.load(path, weights_only=True)
-            if isinstance(data, dict) and set(data) == {"images", "masks", "stems", "classes"}:
+            if isinstance(data, dict):
                 return data, f"loaded {path}"
         except Exception:  # truncated or foreign: a cache is rebuilt, never fatal
             pass
@@ -374,7 +375,7 @@ class PairedFolder(torch.utils.data.Dataset):
             raise DataError(
                 f"{self.root}: no pairs in its {split} split ({len(stems)} pairs in all)"
             )
-        data, how = _cached(name, key, build)
+        data, how = cached(name, key, build)
         self.images, self.masks = data["images"][index], data["masks"][index]
         self.stems = [data["stems"][i] for i in index.tolist()]
         self.classes, self.num_classes = data["classes"], len(data["classes"])

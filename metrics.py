@@ -1,4 +1,5 @@
-"""Image metrics for SimGen: FID, KID and the paper's Semantic Inception Distance (sFID/sKID).
+"""Image metrics for SimGen: FID, KID and the paper's Semantic Inception Distance (sFID/sKID),
+and the IoU of segmentations (§5.5).
 
 FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) compare Inception-v3 pool features of
 a real and a generated image set; SimGen §3.5 applies both to each class's region (SID). The
@@ -672,3 +673,24 @@ def distances(real, fake, class_ids=None, subsets=100, subset_size=1000):
     out["skid"] = float(np.mean([r["kid"] for r in scored])) if scored else None
     out["per_class"] = rows
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmentation (§5.5, Fig. 14-15)
+
+
+def iou(pred, target, num_classes):
+    """Intersection over union of each class, summed over the whole set, and their mean.
+
+    :param pred, target: class ids of the same shape, e.g. (N, S, S)
+    :return: ([IoU or None per class], mean IoU or None)
+    """
+    k = num_classes
+    conf = torch.bincount(target.flatten().long() * k + pred.flatten().long(), minlength=k * k)
+    conf = conf.view(k, k)  # the confusion matrix: (truth, prediction) -> pixels
+    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    # Note: a class in neither prediction nor truth has IoU 0/0: None, left out of the mean.
+    per_class = [i / u if u else None for i, u in zip(inter.tolist(), union.tolist())]
+    scored = [v for v in per_class if v is not None]
+    # Note: background counts as a class in the mean
+    return per_class, (sum(scored) / len(scored) if scored else None)

@@ -6,20 +6,12 @@ are coloured by the Canonical Fibonacci Lattice (cfl.py, §3.2), concatenated wi
 into 6 channels, and denoised by a residual U-Net (§3.3) over T = 250 DDPM steps (§3.4);
 generated masks are decoded back to classes by cosine similarity.
 
-Reading order, the paper first: Config -> ResUNet -> GaussianDiffusion (DDPM Algorithms 1 and
-2, and the extensions DDIM, DPM-Solver++ and RePaint's conditional sampling) -> train -> sample.
-Then the tools that judge it: eval (FID, KID, sFID, sKID), segment (§5.5), bench; then main().
+Reading order, the paper first: Config -> ResUNet -> GaussianDiffusion (DDPM Algorithms 1, 2;
+DDIM, DPM-Solver++, RePaint) -> train -> sample; then eval, segment (§5.5), bench and main().
 
-Commands:
-    python simgen.py train [DATA] [--out DIR] [--preset tiny|demo|paper] [--<field> V ...]
-    python simgen.py sample CKPT [--out DIR] [--n N] [--sampler ddpm|ddim|dpm++|dpm++sde]
-        [--steps K] [--seed S] [--batch-size B] [--force]
-        [--given images|masks --data DATA [--split val] [--resample R]]
-    python simgen.py eval REAL FAKE [--json PATH] [--real-split all] [--fake-split all]
-    python simgen.py segment TRAIN [TRAIN ...] --test REAL [--train-split train,all] [...]
-    python simgen.py bench [--json PATH] [--config paper|small|tiny] [--profile]
-DATA is a dataset folder (data.py), "synthetic" (5 classes) or "synthetic:K" (2-64 classes).
-Several GPUs: torchrun --nproc_per_node=N simgen.py train DATA
+Commands: train [DATA], sample CKPT, eval REAL FAKE, segment TRAIN --test REAL, bench;
+`python simgen.py COMMAND -h` lists a command's flags. DATA is a dataset folder (data.py),
+"synthetic" (5 classes) or "synthetic:K" (2-64). Several GPUs: torchrun --nproc_per_node=N.
 """
 
 import argparse
@@ -86,10 +78,8 @@ class Config:
         """Every flag is checked here, before any work is done or any folder is made."""
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         positive = "image_size base_channels timesteps steps batch_size log_every ckpt_every"
+        positive += " sample_n sampler_steps"
         checks = [(n, getattr(self, n) >= 1, "must be >= 1") for n in positive.split()]
-        checks += [
-            (n, getattr(self, n) >= 1, "must be >= 1") for n in ("sample_n", "sampler_steps")
-        ]
         levels = len(self.channel_mults)  # one downsampler per level
         checks += [
             ("lr", self.lr > 0, "must be > 0"),
@@ -98,11 +88,7 @@ class Config:
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
             ("sampler", self.sampler in SAMPLERS, f"use one of {', '.join(SAMPLERS)}"),
             ("schedule", self.schedule in ("linear", "cosine"), "use linear or cosine"),
-            (
-                "mask_scheme",
-                self.mask_scheme in cfl.SCHEMES,
-                f"use one of {', '.join(cfl.SCHEMES)}",
-            ),
+            ("mask_scheme", self.mask_scheme in cfl.SCHEMES, "use cfl, gray or random"),
             ("channel_mults", levels and min(self.channel_mults) >= 1, "use positive integers"),
             # beta_T = 0.02 * 1000 / T must stay below 1
             ("timesteps", self.schedule != "linear" or self.timesteps > 20, "linear needs T > 20"),
@@ -243,9 +229,8 @@ def get_named_beta_schedule(name, T):
 
 
 class Known(NamedTuple):
-    """Conditional sampling's given half: x (B, C, H, W) in [-1, 1] on the channels where keep
-    (bool, broadcastable to x) is True; resample: RePaint's rounds per step (1: plain replacement).
-    """
+    """Conditional sampling's given half: x (B, C, H, W) in [-1, 1] where keep (bool,
+    broadcastable) is True; resample: RePaint's rounds per step (1: plain replacement)."""
 
     x: torch.Tensor
     keep: torch.Tensor
@@ -456,12 +441,12 @@ class GaussianDiffusion:
         sampling_timesteps(sampler, steps), or on `steps` itself when it is a list of descending
         timesteps. Every draw comes from generator, on its device (the CPU if None).
 
-        known: conditional sampling (an extension; RePaint, Lugmayr et al. 2022, Algorithm 1).
-        Before each step the channels known.keep are replaced by a fresh x_t ~ q(x_t | known.x)
-        (its line 5), so the network denoises the unknown channels beside a correctly noised
-        known half. Plain replacement (resample 1) is biased: the unknown half's early steps never
-        see the known half's details. known.resample = R repeats each step R times, going back
-        to level t by q_resample in between (its lines 8-10), which harmonises the two halves.
+        Deviation: conditional sampling with a Known, not in the paper (its stated limitation):
+        RePaint (Lugmayr et al. 2022, Algorithm 1). Before each step the known channels are
+        replaced by a fresh x_t ~ q(x_t | known.x) (its line 5), so the network denoises the
+        others beside a correctly noised known half. Plain replacement (resample 1) is biased: the
+        unknown half's early steps never see the known half's details; resample R repeats each
+        step R times, going back to level t by q_resample (its lines 8-10), which harmonises them.
         """
         device = generator.device if generator is not None else None
         x = torch.randn(shape, generator=generator, device=device)  # x_T
@@ -491,8 +476,7 @@ class GaussianDiffusion:
         return torch.where(known.keep, known.x, x) if known is not None else x
 
 
-# ------------------------------------------------------------------- train (DDPM Algorithm 1)
-# The pieces train() calls by name, then train() itself, read top to bottom.
+# --------------------------------------------- train (DDPM Algorithm 1): its named pieces, then it
 
 # make_generator's first key: what the generator draws. The other keys follow it.
 BATCH_STREAM = 0  # (seed, step): a step's global batch (train), its batch and flips (segment)
@@ -593,24 +577,19 @@ def speedups(cfg, device, explicit=()):
     bf16 where the tensor cores do bf16 (capability >= 8.0, and CPUs); fp16 with a GradScaler
     on older GPUs (the paper's V100, T4), which have fp16 tensor cores only."""
     on = [getattr(cfg, k) and (device.type == "cuda" or k in explicit) for k in SPEED_FIELDS]
+    # Deviation: mixed precision by default on CUDA (the paper does not state its precision)
     old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
-    half = torch.float16 if old_gpu else torch.bfloat16
-    return half if on[0] else None, on[1], on[2]
+    dtype = torch.float16 if old_gpu else torch.bfloat16
+    return dtype if on[0] else None, on[1], on[2]
 
 
-def describe(fast):  # the startup line's words for speedups()
-    amp, compiled, channels_last = fast
-    words = [f"{str(amp)[6:]} autocast" if amp else "fp32", "compile" if compiled else "eager"]
-    return ", ".join(words + (["channels_last"] if channels_last else []))
+def autocast(amp, device):  # autocast to amp (bf16, fp16) on the device; fp32 if amp is None
+    return torch.autocast(device.type, amp or torch.float32, enabled=amp is not None)
 
 
 def sampling_model(model, fast, device):
-    """The model as the samplers call it: channels_last and compiled when speedups() say so.
-
-    The default compile mode, not "reduce-overhead" (CUDA graphs): one U-Net call on 16 pairs
-    at 256 x 256 is 2.8 TFLOP, longer than the CPU takes to launch it. The noise is drawn
-    outside the model, so compiling does not change which numbers are drawn.
-    """
+    """The model as the samplers call it: channels_last and compiled when speedups() say so
+    (default mode: a U-Net call on 16 pairs at 256² is 2.8 TFLOP, CUDA graphs would gain little)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
     if fast[2]:
@@ -619,12 +598,10 @@ def sampling_model(model, fast, device):
 
 
 def train(cfg, out, explicit=()):
-    """Train SimGen on cfg.data in the run folder out, resuming from out/ckpt.pt if it is there.
+    """Train SimGen on cfg.data in run folder out, resuming out/ckpt.pt if it is there -> its path.
 
     :param explicit: the Config fields the user set (preset or flag). On resume they must agree
-        with the checkpoint's config, except the RESUMABLE ones; on a CPU the GPU switches
-        (SPEED_FIELDS) run only when explicit.
-    :return: the checkpoint's path, out/ckpt.pt
+        with the checkpoint's, except the RESUMABLE ones; on a CPU only they turn GPU switches on.
     """
     data.check_root(cfg.data)  # before the run folder is made
     # Several GPUs: DDP under torchrun, each rank with its share of every global batch.
@@ -644,13 +621,17 @@ def train(cfg, out, explicit=()):
         if ckpt is not None:
             saved = Config(**ckpt["config"])
             for name in sorted(set(explicit) - RESUMABLE):
-                if getattr(cfg, name) != getattr(saved, name):
-                    was, now = getattr(saved, name), getattr(cfg, name)
-                    raise data.DataError(
-                        f"{ckpt_path}: trained with {name}={was}, not {now}; "
-                        "choose another --out to start a new run"
-                    )
+                was, now = getattr(saved, name), getattr(cfg, name)
+                if was != now:
+                    why = f"trained with {name}={was}, not {now}; choose another --out"
+                    raise data.DataError(f"{ckpt_path}: {why} to start a new run")
             cfg = replace(saved, **{n: getattr(cfg, n) for n in set(explicit) & RESUMABLE})
+            if ckpt["step"] > cfg.steps:  # the checkpoint is left as it is
+                why = f"already at step {ckpt['step']}, past --steps {cfg.steps}"
+                raise data.DataError(f"{ckpt_path}: {why}; raise --steps to train on")
+            if ckpt["step"] == cfg.steps:
+                log(f"{ckpt_path}: already at step {cfg.steps}; nothing to train")
+                return ckpt_path
             log(f"resuming {ckpt_path} at step {ckpt['step']}")
         if cfg.batch_size % world:
             raise data.DataError(f"--batch-size {cfg.batch_size}: not divisible by {world} ranks")
@@ -658,12 +639,10 @@ def train(cfg, out, explicit=()):
         ds = data.PairedFolder(cfg.data, cfg.image_size, "train")
         if ckpt is not None and ckpt["classes"] != ds.classes:
             raise data.DataError(f"{cfg.data}: its classes differ from those {ckpt_path} has")
-        ds.images, ds.masks = ds.images.to(device), ds.masks.to(device)
+        ds.images, ds.masks, k = ds.images.to(device), ds.masks.to(device), ds.num_classes
         fast = amp, compiled, channels_last = speedups(cfg, device, explicit)
-        log(
-            "config "
-            + " ".join(f"{k}={v}" for k, v in asdict(cfg).items() if k not in SPEED_FIELDS)
-        )
+        shown = {k: v for k, v in asdict(cfg).items() if k not in SPEED_FIELDS}  # per device:
+        log("config " + " ".join(f"{k}={v}" for k, v in shown.items()))  # see the next lines
 
         # The network, the EMA of its weights, Adam (§4.2) and the diffusion (§3.4).
         torch.manual_seed(cfg.seed)
@@ -693,8 +672,7 @@ def train(cfg, out, explicit=()):
             else:
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if channels_last:  # NHWC, the layout tensor cores read; the EMA too, for update_ema
-            raw.to(memory_format=torch.channels_last)
-            ema.to(memory_format=torch.channels_last)
+            raw, ema = (m.to(memory_format=torch.channels_last) for m in (raw, ema))
             # Adam's moments in their weight's layout: a CPU run's checkpoint holds them in NCHW
             for p, state in opt.state.items():
                 for name in [k for k in state if k != "step"]:
@@ -705,16 +683,17 @@ def train(cfg, out, explicit=()):
             model = nn.parallel.DistributedDataParallel(model, ids, gradient_as_bucket_view=True)
         model = torch.compile(model) if compiled else model
         grid_model = sampling_model(ema, fast, device) if rank == 0 else None
-        scaling = " + GradScaler (no bf16 tensor cores here)" if scaler.is_enabled() else ""
+        how = [f"{str(amp)[6:]} autocast" if amp else "fp32", "compile" if compiled else "eager"]
+        how += ["channels_last"] * channels_last + ["GradScaler: fp16"] * scaler.is_enabled()
         millions = sum(p.numel() for p in raw.parameters()) / 1e6
-        log(f"{millions:.1f}M parameters; {world} x {device.type}, {describe(fast)}{scaling}")
+        log(f"{millions:.1f}M parameters; {world} x {device.type}, {', '.join(how)}")
         if rank == 0:  # a row per progress line; on resume, the rows past the checkpoint go
             rows = csv.read_text().splitlines()[1:] if csv.exists() else []
             rows = [r for r in rows if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= start]
             csv.write_text("".join(f"{r}\n" for r in ["step,loss,images_per_s,seconds", *rows]))
         kept = f"stopped, {ckpt_path} (step {start}) is kept" if start else "stopped, no checkpoint"
         params, ema_params = list(raw.parameters()), list(ema.parameters())
-        loss_sum, last_line, clock, timed_from, pairs = 0.0, start, time.time(), start, None
+        loss_sum, last_line, clock, timed_from = 0.0, start, time.time(), start
 
         for step in range(start, cfg.steps):  # DDPM Algorithm 1: repeat until converged
             # lines 2-4: x_0 (image and CFL-coded mask), t ~ Uniform({1..T}), eps ~ N(0, I)
@@ -722,7 +701,7 @@ def train(cfg, out, explicit=()):
             if channels_last:
                 x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
             # line 5: a gradient step on ||eps - eps_theta(x_t, t)||^2, x_t from DDPM Eq. 4
-            with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
+            with autocast(amp, device):
                 loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
             optimizer_step(loss, opt, scaler, cfg.grad_clip)
             # Deviation: samples come from an EMA of the weights (DDPM's practice, not the
@@ -735,11 +714,8 @@ def train(cfg, out, explicit=()):
                 float(loss_sum)  # waits for the GPU
                 first, clock, timed_from = time.time() - clock, time.time(), done
                 seconds += first
-                memory = ""
-                if device.type == "cuda":
-                    memory = (
-                        f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-                    )
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
+                memory = f"; peak GPU memory {peak:.1f} GiB" if peak else ""
                 why = "compile, autotune; " if compiled else ""
                 log(f"first step {first:.1f}s ({why}not counted in the rates){memory}")
             due = done % cfg.ckpt_every == 0 or done == cfg.steps
@@ -773,21 +749,20 @@ def train(cfg, out, explicit=()):
                         state["scaler"] = scaler.state_dict()
                     save_checkpoint(ckpt_path, state)
                     kept = f"stopped, {ckpt_path} (step {done}) is kept"
-                    pairs = save_grid(
-                        grid_model, diffusion, cfg, ds, amp, out / f"grid_{done:07d}.png"
-                    )
+                    # the same noise every time: a run's grids show the training, not the draw
+                    g = make_generator(device, SAMPLE_STREAM, cfg.seed, 0)
+                    with autocast(amp, device):
+                        pairs = generate(grid_model, diffusion, cfg, k, cfg.sample_n, g)[:2]
+                    colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
+                    data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
                 clock = time.time()
 
         if rank == 0:  # the summary; on the built-in set, how well the last grid's masks fit
-            if pairs is None:  # nothing was left to train: a grid of the checkpoint
-                pairs = save_grid(
-                    grid_model, diffusion, cfg, ds, amp, out / f"grid_{start:07d}.png"
-                )
             log(f"{ckpt_path}: step {cfg.steps}, {seconds:.0f}s of training; grids in {out}")
-            k = data.synthetic_classes(cfg.data)
-            if k is not None:
+            if data.synthetic_classes(cfg.data) is not None:
                 real = ds.images[: len(pairs[0])].cpu(), ds.masks[: len(pairs[0])].cpu()
-                log(f"alignment of generated pairs {data.alignment_report(*pairs, k, real)}")
+                report = data.alignment_report(*pairs, data.synthetic_classes(cfg.data), real)
+                log(f"alignment of generated pairs {report}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -802,8 +777,7 @@ def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
     """n pairs from noise with cfg.sampler (DDPM Algorithm 2 by default), masks decoded (§3.4).
 
     :param cfg: image_size, mask_scheme, sampler and sampler_steps (ddpm takes all T steps)
-    :param generator: every draw comes from it, on its device
-    :param known: a Known: conditional sampling (GaussianDiffusion.sample_loop)
+    :param generator: every draw comes from it; known: conditional sampling (sample_loop)
     :return: images uint8 (n, 3, S, S), masks long (n, S, S) class ids, and the mask pixels
         whose code was ambiguous (cfl.ambiguous) bool (n, S, S); all on the CPU
     """
@@ -811,33 +785,20 @@ def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
     x = diffusion.sample_loop(model, shape, cfg.sampler, cfg.sampler_steps, generator, known)
     x = x.float()  # (n, 3+3, S, S) in [-1, 1]: the image beside its mask's code
     # §3.4: each mask pixel is the class whose lattice point is nearest in cosine similarity
-    # Note: grey and random codes are decoded by the nearest code instead (cfl.decode): cosine
-    # similarity cannot tell grey levels apart, which would add to Fig. 11's collapse.
+    # (Deviation: grey and random codes by the nearest code instead: see cfl.decode)
     masks = cfl.decode(x[:, 3:], num_classes, cfg.mask_scheme)
     unsure = cfl.ambiguous(x[:, 3:], num_classes, cfg.mask_scheme)
     return data.to_uint8(x[:, :3]).cpu(), masks.cpu(), unsure.cpu()
 
 
-def save_grid(model, diffusion, cfg, ds, amp, path):
-    """A grid of cfg.sample_n pairs (image | coloured mask | overlay) -> (images, masks).
-    Its noise is the same every time, so a run's grids show the training, not the draw."""
-    g = make_generator(diffusion.betas.device, SAMPLE_STREAM, cfg.seed, 0)
-    with torch.autocast(g.device.type, amp or torch.float32, enabled=amp is not None):
-        images, masks, _ = generate(model, diffusion, cfg, ds.num_classes, cfg.sample_n, g)
-    data.grid(images, cfl.colorize(masks, ds.num_classes, cfg.mask_scheme)).save(path)
-    return images, masks
-
-
 def sample(args):
-    """The sample command: pairs from a checkpoint's EMA weights, written as a dataset folder.
+    """The sample command (args: its parsed flags): pairs from a checkpoint's EMA weights.
 
-    args.out gets images/*.png and masks/*.png (in the dataset's own mask values) and
-    classes.json, so that data.PairedFolder(args.out) reads them back with the training's class
-    ids; and masks_color/, grid.png and boxes.json ({stem: {class: [[x0, y0, x1, y1], ...]}},
-    the paper's "coordinate extraction"). With args.given ("images" or "masks") each pair of
-    args.data's split keeps that half and the other is generated, named by the dataset's stems.
-    :param args: the parsed arguments of `simgen.py sample` (see main)
-    :return: images uint8 (N, 3, S, S), masks long (N, S, S) class ids, as written
+    args.out gets images/*.png, masks/*.png (in the dataset's own mask values) and classes.json,
+    which data.PairedFolder(args.out) reads back with the training's class ids; and masks_color/,
+    grid.png and boxes.json ({stem: {class: [[x0, y0, x1, y1], ...]}}, the paper's "coordinate
+    extraction"). With args.given ("images" or "masks") each pair of args.data's split keeps that
+    half and the other is generated. -> images uint8 (N, 3, S, S), masks long (N, S, S)
     """
     for name, least in (("n", 1), ("batch_size", 1), ("steps", 1), ("seed", 0), ("resample", 1)):
         value = getattr(args, name)
@@ -885,13 +846,12 @@ def sample(args):
                     code = cfl.encode(v, k, cfg.mask_scheme)
                     x = torch.cat([torch.zeros_like(code), code], 1)
                 known = Known(x, keep, args.resample)  # (b, 6, S, S) where keep is True
-            with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
+            with autocast(amp, device):
                 pairs = generate(model, diffusion, cfg, k, b, g, known)
             images, masks, unsure = (v[:m] for v in pairs)  # the first m of b
             colours = cfl.colorize(masks, k, cfg.mask_scheme)
-            boxes |= data.write_pairs(
-                out, stems[first : first + m], (images, masks, colours), classes
-            )
+            names = stems[first : first + m]
+            boxes |= data.write_pairs(out, names, (images, masks, colours), classes)
             if i == 0:  # the overview: up to 16 pairs of the first batch
                 data.grid(images[:16], colours[:16]).save(out / "grid.png")
             written.append((images, masks, unsure))
@@ -901,13 +861,10 @@ def sample(args):
         (out / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
     images, masks, unsure = (torch.cat(v) for v in zip(*written))
     print(f"{out}: {n} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
-    print(
-        f"mask decoding: {unsure.float().mean().item():.2%} of pixels ambiguous (a code farther "
-        f"than half the smallest code distance, {cfl.min_distance(k, cfg.mask_scheme):.3f}, "
-        "from every code)"
-    )
+    radius = cfl.min_distance(k, cfg.mask_scheme) / 2  # half the smallest distance of two codes
+    print(f"{unsure.float().mean():.2%} of mask pixels ambiguous (> {radius:.3f} from all codes)")
     if args.given == "images":  # image -> mask is segmentation: scored against the truth
-        per_class, mean = iou(masks, truth, k)
+        per_class, mean = metrics.iou(masks, truth, k)
         accuracy = (masks == truth).float().mean().item()
         scores = ", ".join(f"{c['name']} {fmt(v, 3)}" for c, v in zip(classes, per_class))
         print(
@@ -928,23 +885,21 @@ def fmt(v, digits):  # a score in eval's and segment's tables; "-": nothing to s
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def evaluate(
-    real, fake, image_size=None, real_split="all", fake_split="all", batch_size=50, device=None
-):
+def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_size=50, device=None):
     """FID, KID, sFID and sKID (§3.5, metrics.py) of the FAKE pairs against the REAL ones.
 
     :param real, fake: dataset folders or "synthetic"; fake is usually what `sample` wrote
-    :param image_size: S for both sets; None = fake's own size (256 if its images differ in size)
+    :param size: S for both sets; None = fake's own size (256 if its images differ in size)
     :param device: a device name; None: the GPU if there is one
     :return: metrics.distances' dict (per_class rows get name and value) plus the sets, splits, S
     """
-    for flag, value in (("--image-size", image_size), ("--batch-size", batch_size)):
+    for flag, value in (("--image-size", size), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
     device = pick_device(device)
     for root in (real, fake):  # before any work: the real set's features take minutes
         data.check_root(root)
-    size = image_size or data.folder_image_size(fake)
+    size = size or data.folder_image_size(fake)
     if size is None:
         size = 256
         print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
@@ -961,42 +916,31 @@ def evaluate(
                 print(f"  {name} {stage}: {done}/{total}", flush=True)
                 last[0] = time.time()
 
-        return metrics.dataset_features(model, ds.images, masks, None, batch_size, device, show)
+        feats = metrics.dataset_features(model, ds.images, masks, None, batch_size, device, show)
+        return {k: torch.from_numpy(v) for k, v in feats.items()}  # float64 (N, 2048) each
 
     # The real set's features are cached, keyed by all they depend on: pixels, classes, the
     # network's weights, the region rule; the folder's path is in the file's name.
-    key = hashlib.sha256(repr((real_ds.classes, metrics.MIN_REGION_PIXELS, metrics.BLANK)).encode())
+    content = hashlib.sha256()
     for t in [real_ds.images, real_ds.masks, *model.state_dict().values()]:
-        key.update(t.contiguous().numpy())
+        content.update(t.contiguous().numpy())
+    key = (real_ds.classes, metrics.MIN_REGION_PIXELS, metrics.BLANK, content.hexdigest())
     where = Path(str(real)).resolve()
     name = f"eval-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
-    path = data.cache_file(f"{name}-{real_split}-{size}", key.hexdigest(), ".npz")
-    real_feats, how = None, "cached"
-    with contextlib.suppress(Exception):  # absent, truncated or foreign: computed again
-        with np.load(path) as f:
-            real_feats = dict(f)
-        print(f"{real} [{real_split}]: Inception features cached in {path}")
-    if real_feats is None:
-        real_feats, how = features("real", real_ds, real_ds.masks), "computed"
-
-        def write(tmp):  # np.savez given a path would append ".npz" to the temporary name
-            with open(tmp, "wb") as f:
-                np.savez(f, **real_feats)
-
-        data.save_cache(path, write)
-    scores = metrics.distances(real_feats, features("fake", fake_ds, fake_masks))
+    get = partial(features, "real", real_ds, real_ds.masks)
+    real_feats, how = data.cached(f"{name}-{real_split}-{size}", key, get)
+    print(f"{real} [{real_split}]: Inception features {how}")
+    fake_feats = features("fake", fake_ds, fake_masks)
+    arrays = [{k: v.numpy() for k, v in f.items()} for f in (real_feats, fake_feats)]
+    scores = metrics.distances(*arrays)
     for row in scores["per_class"]:
         c = real_ds.classes[row["class"]]
         row.update(name=c["name"], value=c["value"])
 
     # The table: FID, KID, sFID, sKID and each class's FID and KID
     n_real, n_fake, seconds = scores["n_real"], scores["n_fake"], time.time() - start
-    print(
-        f"FID  {scores['fid']:.2f}  ({n_real} real, {n_fake} fake images at {size}x{size}, "
-        f"{seconds:.0f}s)"
-    )
-    kid = f"{scores['kid']:.4f} ± {scores['kid_std']:.4f}"
-    print(f"KID  {kid}  (subsets of {scores['kid_subset_size']})")
+    print(f"FID  {scores['fid']:.2f}  ({n_real} real, {n_fake} fake images at {size}x{size})")
+    print(f"KID  {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({seconds:.0f}s)")
     scored = sum(r["fid"] is not None for r in scores["per_class"])
     print(
         f"sFID {fmt(scores['sfid'], 2)}  sKID {fmt(scores['skid'], 4)}  (mean over the {scored} "
@@ -1007,18 +951,15 @@ def evaluate(
         counts = f"{str(r['value']):>16}{r['n_real']:>8}{r['n_fake']:>8}"
         print(f"{r['name']:<20}{counts}{fmt(r['fid'], 2):>10}{fmt(r['kid'], 4):>10}")
     if min(n_real, n_fake) < 2048:
-        print(
-            "warning: fewer than 2048 images in a set: FID is biased upwards; compare equal sizes"
-        )
+        print("warning: fewer than 2048 images in a set: FID is biased up; compare equal sizes")
     k = data.synthetic_classes(real)
     if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
-        scores["alignment"] = data.alignment_score(fake_ds.images, fake_masks, k)
+        aligned = data.alignment_score(fake_ds.images, fake_masks, k)
         shuffled = data.alignment_score(fake_ds.images, fake_masks.roll(1, 0), k)
-        scores["alignment_shuffled"] = shuffled
-        print(
-            f"alignment of the fake pairs {scores['alignment']:.3f} (shuffled masks {shuffled:.3f})"
-        )
+        scores |= dict(alignment=aligned, alignment_shuffled=shuffled)
+        print(f"alignment of the fake pairs {aligned:.3f} (shuffled masks {shuffled:.3f})")
     sets = dict(real=str(real), real_split=real_split, fake=str(fake), fake_split=fake_split)
+    how = "cached" if how.startswith("loaded") else "computed"
     return dict(sets, image_size=size, real_features=how, **scores)
 
 
@@ -1030,64 +971,38 @@ SEGMENT = dict(image_size=64, base_channels=16, channel_mults=(1, 2, 4, 8))
 SEGMENT |= dict(steps=300, batch_size=16, lr=2e-3, seed=0)
 
 
-def iou(pred, target, num_classes):
-    """Intersection over union of each class, summed over the whole set, and their mean.
-
-    :param pred, target: class ids of the same shape, e.g. (N, S, S)
-    :return: ([IoU or None per class], mean IoU or None)
-    """
-    k = num_classes
-    conf = torch.bincount(target.flatten().long() * k + pred.flatten().long(), minlength=k * k)
-    conf = conf.view(k, k)  # the confusion matrix: (truth, prediction) -> pixels
-    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    # Note: a class in neither prediction nor truth has IoU 0/0: None, left out of the mean.
-    per_class = [i / u if u else None for i, u in zip(inter.tolist(), union.tolist())]
-    scored = [v for v in per_class if v is not None]
-    # Note: background counts as a class in the mean
-    return per_class, (sum(scored) / len(scored) if scored else None)
-
-
-def segment(
-    train_roots,
-    test_root,
-    cfg,
-    test_split="val",
-    train_split=("train",),
-    real_fraction=1.0,
-    out=None,
-):
+def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction=1.0, out=None):
     """Train a segmentation ResUNet on dataset folders; per-class and mean IoU on a real test split.
 
-    :param train_roots: folders or "synthetic", real or generated; the first is "the real one"
+    :param roots: training folders or "synthetic", real or generated; the first is "the real one"
     :param cfg: Config; image_size, base_channels, channel_mults, steps, batch_size, lr, seed
-    :param train_split: one split for all train_roots, or one each (a generated folder: "all")
-    :param real_fraction: a fixed random fraction of the first folder's pairs, all of the
-        others' (Fig. 15)
+    :param splits: one split for all roots, or one each (a generated folder: "all")
+    :param fraction: a fixed random fraction of the first folder's pairs is used (Fig. 15)
     :param out: folder for segment.pt ({model, config, classes, version}); never overwritten
     :return: dict for the JSON: train (folder, split, pairs used, of), test, classes with iou, ...
     """
-    splits = list(train_split) * len(train_roots) if len(train_split) == 1 else list(train_split)
-    if len(splits) != len(train_roots):
-        raise ValueError(f"--train-split {','.join(train_split)}: one, or one per TRAIN folder")
-    if not 0 < real_fraction <= 1:
-        raise ValueError(f"--real-fraction {real_fraction}: must be in (0, 1]")
+    if len(splits) not in (1, len(roots)):
+        raise ValueError(f"--train-split {','.join(splits)}: one, or one per TRAIN folder")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--real-fraction {fraction}: must be in (0, 1]")
     ckpt_path = Path(out) / "segment.pt" if out else None
     if ckpt_path and ckpt_path.exists():
         raise data.DataError(f"{ckpt_path}: exists; choose another --out")
     device, start = pick_device(), time.time()
     test = data.PairedFolder(test_root, cfg.image_size, test_split)
     images, masks, used = [], [], []  # the training pairs, in the test set's class ids
-    for i, (root, split) in enumerate(zip(train_roots, splits)):
+    splits = list(splits) * len(roots) if len(splits) == 1 else splits
+    for i, (root, split) in enumerate(zip(roots, splits)):
         ds = data.PairedFolder(root, cfg.image_size, split)
         same = Path(str(root)).resolve() == Path(str(test_root)).resolve()
         if same and (split == test_split or "all" in (split, test_split)):
             print(f"warning: {root} [{split}] overlaps the test split: the IoU is no test score")
         keep = torch.arange(len(ds))
-        if i == 0 and real_fraction < 1:  # the same subset for a seed, whatever the others are
+        if i == 0 and fraction < 1:  # the same subset for a seed, whatever the others are
             keep = torch.randperm(len(ds), generator=make_generator("cpu", SUBSET_STREAM, cfg.seed))
-            keep = keep[: round(real_fraction * len(ds))].sort().values  # round(4.5) = 4
+            keep = keep[: round(fraction * len(ds))].sort().values  # round(4.5) = 4
             if not len(keep):
-                raise data.DataError(f"{root}: --real-fraction {real_fraction} leaves no pair")
+                raise data.DataError(f"{root}: --real-fraction {fraction} leaves no pair")
         images.append(ds.images[keep])
         masks.append(data.match_classes(ds.classes, test.classes, root)[ds.masks[keep].long()])
         used.append(dict(root=str(root), split=split, pairs=len(keep), of=len(ds)))
@@ -1104,7 +1019,7 @@ def segment(
         g = make_generator(device, BATCH_STREAM, cfg.seed, step - 1)
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g, device=device)
         image, mask = data.flip(images[idx], masks[idx], g)
-        with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
+        with autocast(amp, device):
             logits = model(data.to_unit(image))  # (B, K, S, S)
         # Note: plain per-pixel cross-entropy, no class weights, no augmentation but flips.
         loss = F.cross_entropy(logits.float(), mask.long())
@@ -1116,17 +1031,12 @@ def segment(
 
     # Note: IoU is taken at S x S, the test masks resized and cropped as the images are.
     model.eval()
-    with (
-        torch.no_grad(),
-        torch.autocast(device.type, amp or torch.float32, enabled=amp is not None),
-    ):
-        logits = [
-            model(data.to_unit(b.to(device))).cpu() for b in test.images.split(cfg.batch_size)
-        ]
-    per_class, mean = iou(torch.cat(logits).argmax(1), test.masks, test.num_classes)
-    print(
-        f"{'class':<20}{'value':>16}{'IoU':>8}   ({len(test)} pairs of {test_root} [{test_split}])"
-    )
+    with torch.no_grad(), autocast(amp, device):
+        batches = test.images.split(cfg.batch_size)
+        pred = torch.cat([model(data.to_unit(b.to(device))).argmax(1).cpu() for b in batches])
+    per_class, mean = metrics.iou(pred, test.masks, test.num_classes)
+    where = f"{len(test)} pairs of {test_root} [{test_split}]"
+    print(f"{'class':<20}{'value':>16}{'IoU':>8}   ({where})")
     for c, v in zip(test.classes, per_class):
         print(f"{c['name']:<20}{str(c['value']):>16}{fmt(v, 3):>8}")
     seconds = round(time.time() - start, 1)
@@ -1137,7 +1047,7 @@ def segment(
         save_checkpoint(ckpt_path, dict(state, version=VERSION))
         print(f"weights in {ckpt_path}")
     result = dict(train=used, test=str(test_root), test_split=test_split, n_test=len(test))
-    result |= dict(real_fraction=real_fraction, config={k: getattr(cfg, k) for k in SEGMENT})
+    result |= dict(real_fraction=fraction, config={k: getattr(cfg, k) for k in SEGMENT})
     classes = [dict(c, iou=v) for c, v in zip(test.classes, per_class)]
     return dict(result, classes=classes, mean_iou=mean, seconds=seconds)
 
@@ -1148,19 +1058,10 @@ def segment(
 # device's name. From NVIDIA's datasheets (H100, H200, A100, L40S, L40, L4, V100) and the Ada
 # whitepaper (RTX 4090, FP32 accumulate); figures given "with sparsity" there are halved.
 # V100 (SXM2): fp16 tensor cores, no bf16 and no tf32: (fp16, fp32 CUDA cores).
-PEAK_TFLOPS = {
-    "H100 NVL": (835, 418),
-    "H100 PCIe": (756, 378),
-    "H100": (989, 495),
-    "H200 NVL": (835, 418),
-    "H200": (989, 495),
-    "A100": (312, 156),
-    "L40S": (362, 183),
-    "L40": (181, 90.5),
-    "L4": (121, 60),
-    "RTX 4090": (165, 82.6),
-    "V100": (125, 15.7),
-}
+PEAK_TFLOPS = {"H100 NVL": (835, 418), "H100 PCIe": (756, 378), "H100": (989, 495)}
+PEAK_TFLOPS |= {"H200 NVL": (835, 418), "H200": (989, 495), "A100": (312, 156)}
+PEAK_TFLOPS |= {"L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60)}
+PEAK_TFLOPS |= {"RTX 4090": (165, 82.6), "V100": (125, 15.7)}
 BENCH_CONFIGS = {"paper": "paper", "small": "demo", "tiny": "tiny"}  # bench --config -> preset
 
 
@@ -1171,9 +1072,8 @@ def peak_tflops(name):
 
 
 def timed(fn, repeats, device, warmup=True, inner=1):
-    """Median seconds of one fn() over repeats timings of inner calls each, after one untimed
-    call if warmup (compilation, cuDNN autotuning, caches). On CUDA the queued work is waited
-    for before and after each timing."""
+    """Median seconds of one fn() over repeats timings of inner calls, after an untimed call if
+    warmup (compilation, autotuning); on CUDA the queued work is waited for around each timing."""
     times, sync = [], torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(repeats + warmup):
         sync()
@@ -1186,8 +1086,7 @@ def timed(fn, repeats, device, warmup=True, inner=1):
 
 
 def bench_step(cfg, fast, ds, diffusion):
-    """The body of train's loop on one fixed batch, with fresh weights (the speed does not depend
-    on them) and the GPU switches fast = (amp, compile, channels_last) -> step()."""
+    """The body of train's loop on one batch, fresh weights, fast's GPU switches -> step()."""
     (amp, compiled, channels_last), device = fast, ds.images.device
     torch.manual_seed(0)
     raw = ResUNet(cfg).to(device)
@@ -1201,7 +1100,7 @@ def bench_step(cfg, fast, ds, diffusion):
     model = torch.compile(raw) if compiled else raw
 
     def step():
-        with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
+        with autocast(amp, device):
             loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
         optimizer_step(loss, opt, scaler, cfg.grad_clip)
         update_ema(ema_params, params, cfg.ema_decay)
@@ -1210,14 +1109,10 @@ def bench_step(cfg, fast, ds, diffusion):
 
 
 def bench(config=None, repeats=None, json_path=None, profile=False):
-    """What a user sizes a GPU job by, measured on this machine -> dict.
-
-    Training: train's step (the paper config on CUDA, the demo's on a CPU) three ways: eager
-    fp32 (TF32 on CUDA), autocast (bf16; fp16 before Ampere), and autocast + compile +
-    channels_last; images per second, MFU (the step's FLOPs, counted by FlopCounterMode, per
-    second over the device's peak) and peak memory. Sampling: seconds for 16 pairs with each
-    sampler. profile: torch.profiler's top 10 operators and kernels of the last training variant.
-    """
+    """What a user sizes a GPU job by, measured here -> dict: train's step (paper config on CUDA,
+    demo on a CPU) in eager fp32, autocast, and autocast + compile + channels_last (images per
+    second, MFU = counted FLOPs per second over the device's peak, peak memory); seconds for 16
+    pairs with each sampler; profile: the top 10 operators and kernels of the last variant."""
     started, device = time.time(), pick_device()
     cuda = device.type == "cuda"
     config, repeats = config or ("paper" if cuda else "small"), repeats or (10 if cuda else 3)
@@ -1233,10 +1128,10 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     ds = data.PairedFolder("synthetic", cfg.image_size, "train")
     ds.images, ds.masks = ds.images.to(device), ds.masks.to(device)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
-    half = speedups(cfg, device, {"amp"})[0]
-    res["train"], flops, dtype = {}, None, str(half)[6:]
-    variants = [("eager fp32", (None, False, False)), (f"{dtype} autocast", (half, False, False))]
-    variants.append((f"{dtype} + compile + channels_last", (half, True, True)))
+    amp = speedups(cfg, device, {"amp"})[0]  # bf16, or fp16 before Ampere
+    res["train"], flops, dtype = {}, None, str(amp)[6:]
+    variants = [("eager fp32", (None, False, False)), (f"{dtype} autocast", (amp, False, False))]
+    variants.append((f"{dtype} + compile + channels_last", (amp, True, True)))
     for label, fast in variants:
         if not cuda and fast[0]:  # train uses none of them on a CPU unless asked
             res["train"][label] = dict(skipped="CUDA default only: a CPU trains in fp32 eager")
@@ -1275,20 +1170,20 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     amp, *_ = fast = speedups(cfg, device)  # what sample uses here
     net = sampling_model(ResUNet(cfg).to(device).eval(), fast, device)
 
-    def draw(sampler, k):
-        how = replace(cfg, sampler=sampler, sampler_steps=k)
+    def draw(sampler, steps):
+        how = replace(cfg, sampler=sampler, sampler_steps=steps)
         g = make_generator(device, SAMPLE_STREAM, 0, 0)
-        with torch.autocast(device.type, amp or torch.float32, enabled=amp is not None):
+        with autocast(amp, device):
             generate(net, diffusion, how, 5, 16, g)
 
     draw("ddim", 2)  # the warm-up (compilation) with 2 steps: 250 would double a CPU's time
     res["sample"] = {}
     timings = [("ddpm", cfg.timesteps), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)]
-    for sampler, k in timings + [("dpm++sde", 20)]:
-        k = min(k, cfg.timesteps)
-        seconds = timed(partial(draw, sampler, k), repeats, device, warmup=False)
-        res["sample"][f"{sampler}_{k}_s"] = seconds
-        print(f"  {f'{sampler}, {k} steps':<34}{f'{seconds:.2f} s':>14}", flush=True)
+    for sampler, steps in timings + [("dpm++sde", 20)]:
+        steps = min(steps, cfg.timesteps)
+        seconds = timed(partial(draw, sampler, steps), repeats, device, warmup=False)
+        res["sample"][f"{sampler}_{steps}_s"] = seconds
+        print(f"  {f'{sampler}, {steps} steps':<34}{f'{seconds:.2f} s':>14}", flush=True)
     res["total_s"] = time.time() - started
     print(f"total {res['total_s']:.0f}s")
     if json_path:

@@ -1219,9 +1219,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     diffusion = simgen.GaussianDiffusion(cfg.timesteps, cfg.schedule)
     for step in range(3):
-        shares = [
-            simgen.training_batch(ds, cfg, step, rank, 2) for rank in (0, 1)
-        ]
+        shares = [simgen.training_batch(ds, cfg, step, rank, 2) for rank in (0, 1)]
         x, t, noise = (torch.cat(parts) for parts in zip(*shares))
         loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
         loss.backward()
@@ -1369,7 +1367,7 @@ def test_eval_matches_classes_by_value_and_caches_the_real_set(tmp_path, stand_i
     out, s = run(["eval", str(real), str(other), "--json", js], capsys)
     assert (
         s["real_features"] == "cached"
-        and "Inception features cached" in out
+        and "Inception features loaded" in out
         and "real images" not in out
     )
     r, o = data.PairedFolder(real, 32, "all"), data.PairedFolder(other, 32, "all")
@@ -1458,10 +1456,10 @@ def test_iou_against_a_hand_computed_answer():
     # summed over both images, class k: |pred = k and truth = k| / |pred = k or truth = k|
     # 0: inter 2, union 4 (truth 3 + pred 3 - 2); 1: inter 3, union 5; 2: inter 4, union 6;
     # 3: nowhere
-    per_class, mean = simgen.iou(pred, target, 4)
+    per_class, mean = metrics.iou(pred, target, 4)
     assert per_class == [2 / 4, 3 / 5, 4 / 6, None]
     assert mean == pytest.approx((2 / 4 + 3 / 5 + 4 / 6) / 3)  # class 3 is left out of the mean
-    assert simgen.iou(target, target, 3) == ([1.0, 1.0, 1.0], 1.0)
+    assert metrics.iou(target, target, 3) == ([1.0, 1.0, 1.0], 1.0)
 
 
 def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, capsys):
@@ -1576,7 +1574,9 @@ def test_each_mask_encoding_trains_samples_and_reads_back(tmp_path, scheme, stan
         100,
         200,
     ]
-    out = sample(ckpt_path, tmp_path / "s", "--n=3", "--sampler=ddim", "--steps=4", "--batch-size=3")
+    out = sample(
+        ckpt_path, tmp_path / "s", "--n=3", "--sampler=ddim", "--steps=4", "--batch-size=3"
+    )
     back = data.PairedFolder(out, 16, "all")
     assert back.classes == ckpt["classes"]  # the dataset's own values, the training ids
     assert {
@@ -2210,7 +2210,9 @@ def test_a_checkpoint_of_another_format_is_one_line(tiny_ckpt, tmp_path, capsys)
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
     for argv in (["sample", str(tmp_path / "run" / "ckpt.pt")], ["train", "--preset", "tiny"]):
         err = cli_error(argv + ["--out", str(tmp_path / "run")], capsys)
-        assert err == f"error: {tmp_path / 'run' / 'ckpt.pt'}: not a SimGen checkpoint of version 1\n"
+        assert (
+            err == f"error: {tmp_path / 'run' / 'ckpt.pt'}: not a SimGen checkpoint of version 1\n"
+        )
 
 
 def test_sde_dpm_solver_samples_the_data_distribution_of_a_gaussian():
