@@ -80,7 +80,7 @@ class Config:
         positive = "image_size base_channels timesteps steps batch_size log_every ckpt_every"
         positive += " sample_n sampler_steps"
         checks = [(n, getattr(self, n) >= 1, "must be >= 1") for n in positive.split()]
-        levels = len(self.channel_mults)  # one downsampler per level
+        levels = len(self.channel_mults)  # one downsampler each; linear: beta_T = 20 / T < 1
         checks += [
             ("lr", self.lr > 0, "must be > 0"),
             ("grad_clip", self.grad_clip > 0, "must be > 0"),
@@ -90,7 +90,6 @@ class Config:
             ("schedule", self.schedule in ("linear", "cosine"), "use linear or cosine"),
             ("mask_scheme", self.mask_scheme in cfl.SCHEMES, "use cfl, gray or random"),
             ("channel_mults", levels and min(self.channel_mults) >= 1, "use positive integers"),
-            # beta_T = 0.02 * 1000 / T must stay below 1
             ("timesteps", self.schedule != "linear" or self.timesteps > 20, "linear needs T > 20"),
             ("image_size", self.image_size % 2**levels == 0, f"must be divisible by 2^{levels}"),
         ]
@@ -189,9 +188,7 @@ class ResUNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t=None):
-        temb = None
-        if self.time_mlp is not None:
-            temb = self.time_mlp(timestep_embedding(t, self.base))  # (B, 4C)
+        temb = self.time_mlp(timestep_embedding(t, self.base)) if self.time_mlp else None  # (B, 4C)
         h = self.init(x)  # (B, C, H, W)
         skips = [[h]]
         for (block1, block2), down in zip(self.enc, self.down):
@@ -229,8 +226,7 @@ def get_named_beta_schedule(name, T):
 
 
 class Known(NamedTuple):
-    """Conditional sampling's given half: x (B, C, H, W) in [-1, 1] where keep (bool,
-    broadcastable) is True; resample: RePaint's rounds per step (1: plain replacement)."""
+    """The given half: x (B, C, H, W) where keep (bool) is True; RePaint's resample rounds."""
 
     x: torch.Tensor
     keep: torch.Tensor
@@ -412,9 +408,8 @@ class GaussianDiffusion:
         evenly spaced in t (DDIM's "uniform" skip; ddim's default) or in lambda_t = log(a_t / s_t)
         (DPM-Solver's "logSNR" spacing; dpm++'s default), rounded to the nearest timestep.
 
-        Note: dpm++ takes even lambda steps. Even t steps leave its last step from t ~ T/K to 0
-        spanning half the lambda range, where its second-order extrapolation (r_i << 1) is
-        least accurate; the README measures both.
+        Note: dpm++ takes even lambda steps: with even t steps its last step, t ~ T/K to 0, spans
+        half the lambda range, where its extrapolation (r_i << 1) is least accurate.
         """
         if sampler == "ddpm":
             return list(range(self.num_timesteps - 1, -1, -1))
@@ -531,8 +526,7 @@ def optimizer_step(loss, opt, scaler, grad_clip):
 
 @torch.no_grad()
 def update_ema(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, in place, for two lists of tensors: one
-    multi-tensor kernel per chunk on CUDA; on a CPU the per-tensor loop, with the same numbers."""
+    """ema <- decay * ema + (1 - decay) * param, in place, for two lists of tensors (one kernel)."""
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
@@ -573,9 +567,8 @@ def pick_device(name=None):
 
 def speedups(cfg, device, explicit=()):
     """The GPU switches a run uses -> (autocast dtype or None, compile, channels_last): cfg's on
-    CUDA; on a CPU only those named in explicit (flags given), so they can be tested there.
-    bf16 where the tensor cores do bf16 (capability >= 8.0, and CPUs); fp16 with a GradScaler
-    on older GPUs (the paper's V100, T4), which have fp16 tensor cores only."""
+    CUDA, on a CPU only those in explicit (flags given). bf16, or fp16 (with a GradScaler) on
+    GPUs older than compute capability 8.0 (the paper's V100): they have fp16 tensor cores only."""
     on = [getattr(cfg, k) and (device.type == "cuda" or k in explicit) for k in SPEED_FIELDS]
     # Deviation: mixed precision by default on CUDA (the paper does not state its precision)
     old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
@@ -937,7 +930,6 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
         c = real_ds.classes[row["class"]]
         row.update(name=c["name"], value=c["value"])
 
-    # The table: FID, KID, sFID, sKID and each class's FID and KID
     n_real, n_fake, seconds = scores["n_real"], scores["n_fake"], time.time() - start
     print(f"FID  {scores['fid']:.2f}  ({n_real} real, {n_fake} fake images at {size}x{size})")
     print(f"KID  {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({seconds:.0f}s)")
@@ -1055,9 +1047,8 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction
 # ------------------------------------------------------------------------- bench: speed here
 
 # Dense peak TFLOP/s of the tensor cores, (bf16, tf32), matched in this order against the CUDA
-# device's name. From NVIDIA's datasheets (H100, H200, A100, L40S, L40, L4, V100) and the Ada
-# whitepaper (RTX 4090, FP32 accumulate); figures given "with sparsity" there are halved.
-# V100 (SXM2): fp16 tensor cores, no bf16 and no tf32: (fp16, fp32 CUDA cores).
+# device's name: NVIDIA's datasheets, the Ada whitepaper (RTX 4090), "with sparsity" halved;
+# V100 (SXM2) has no bf16 and no tf32: (fp16, fp32 CUDA cores).
 PEAK_TFLOPS = {"H100 NVL": (835, 418), "H100 PCIe": (756, 378), "H100": (989, 495)}
 PEAK_TFLOPS |= {"H200 NVL": (835, 418), "H200": (989, 495), "A100": (312, 156)}
 PEAK_TFLOPS |= {"L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60)}
@@ -1272,10 +1263,8 @@ def train_config(args):
     preset = args.preset or ("demo" if args.data is None else "paper")
     if args.data is None and args.preset is None:
         print("no DATA given: training on the built-in synthetic dataset with --preset demo")
-    chosen = dict(PRESETS[preset])  # the paper preset is the defaults: nothing chosen
-    for f in fields(Config):
-        if f.name != "data" and getattr(args, f.name) is not None:
-            chosen[f.name] = getattr(args, f.name)
+    flags = {f.name: getattr(args, f.name) for f in fields(Config) if f.name != "data"}
+    chosen = PRESETS[preset] | {k: v for k, v in flags.items() if v is not None}  # paper: {}
     chosen["data"] = args.data or "synthetic"
     cfg = replace(Config(), **chosen)
     return cfg, set(chosen), Path(args.out or Path("runs") / f"{Path(cfg.data).name}-{preset}")
