@@ -56,10 +56,23 @@ def reference_file():
 
 
 @pytest.fixture(autouse=True)
-def simgen_cache(tmp_path, monkeypatch):
-    """Every test gets its own empty cache folder."""
+def simgen_cache(tmp_path, monkeypatch, request):
+    """Every test gets its own empty cache folder. SIMGEN_SLOW=only runs the slow tests alone."""
+    if SLOW == "only" and "slow" not in request.fixturenames:
+        pytest.skip("SIMGEN_SLOW=only: the slow tests alone")
     monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+SLOW = os.environ.get("SIMGEN_SLOW", "")  # "1": the slow tests too; "only": them alone
+
+
+@pytest.fixture
+def slow():
+    """A test that takes a minute or more on a 2-core CPU (a cold inductor compile, a second
+    process): skipped by the README's command; CI runs them after it, with SIMGEN_SLOW=only."""
+    if not SLOW:
+        pytest.skip("slow: SIMGEN_SLOW=1 runs it (CI does, after the README's command)")
 
 
 def tiny(**kw):
@@ -1127,6 +1140,17 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6
 
 
+def test_a_run_at_or_past_its_end_leaves_its_checkpoint_alone(tmp_path, capsys):
+    path = simgen.train(tiny(steps=4), tmp_path)
+    before = path.read_bytes()
+    argv = ["train", "synthetic", "--preset", "tiny", "--out", str(tmp_path), "--steps"]
+    simgen.main(argv + ["4"])  # finished: nothing to train, nothing written
+    assert f"{path}: already at step 4; nothing to train" in capsys.readouterr().out
+    err = cli_error(argv + ["2"], capsys)
+    assert err == f"error: {path}: already at step 4, past --steps 2; raise --steps to train on\n"
+    assert path.read_bytes() == before
+
+
 def test_non_finite_loss_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     real, calls = simgen.GaussianDiffusion.training_losses, []
 
@@ -1153,19 +1177,9 @@ def test_non_finite_loss_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, mo
 
 def test_cli_flags_cover_every_config_field():
     # Oracle: a config differing from the defaults in every field, written back as flags.
-    want = simgen.replace(
-        TINY,
-        lr=0.5,
-        schedule="cosine",
-        mask_scheme="gray",
-        amp=False,
-        compile=False,
-        channels_last=False,
-        channel_mults=(1, 2, 2),
-        grad_clip=2.0,
-        seed=3,
-        data="x",
-    )
+    changes = dict(lr=0.5, schedule="cosine", mask_scheme="gray", amp=False, compile=False)
+    changes |= dict(channels_last=False, channel_mults=(1, 2, 2), grad_clip=2.0, seed=3, data="x")
+    want = simgen.replace(TINY, **changes)
     argv = ["train", "x"]
     for f in simgen.fields(simgen.Config):
         flag, v = "--" + f.name.replace("_", "-"), getattr(want, f.name)
@@ -1185,14 +1199,11 @@ def test_cli_flags_cover_every_config_field():
     }
 
 
+@pytest.mark.usefixtures("slow")
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [
         "simgen.py",
         "train",
         "synthetic",
@@ -1468,29 +1479,9 @@ def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, cap
     # ids swapped
     gen = make_squares(tmp_path / "gen", 6, 16, seed=2, spec={"polyp": 255, "background": 0})
     test = make_squares(tmp_path / "test", 6, 16, seed=3)
-    args = [
-        "segment",
-        str(real),
-        str(gen),
-        "--train-split",
-        "train,all",
-        "--test",
-        str(test),
-        "--test-split",
-        "all",
-        "--image-size",
-        "16",
-        "--base-channels",
-        "8",
-        "--channel-mults",
-        "1,2",
-        "--batch-size",
-        "8",
-        "--steps",
-        "30",
-        "--real-fraction",
-        "0.5",
-    ]
+    args = ["segment", str(real), str(gen), "--train-split", "train,all", "--test", str(test)]
+    args += "--test-split all --image-size 16 --base-channels 8 --channel-mults 1,2".split()
+    args += "--batch-size 8 --steps 30 --real-fraction 0.5".split()
     runs = [
         run(args + ["--json", str(tmp_path / f"{k}.json"), "--out", str(tmp_path / k)], capsys)
         for k in "ab"
@@ -1523,18 +1514,8 @@ def test_segment_errors_are_one_line(tmp_path, capsys):
     tool = make_squares(
         tmp_path / "tool", 3, 16, seed=0, value=128, spec={"background": 0, "tool": 128}
     )
-    base = [
-        "segment",
-        str(tool),
-        "--test",
-        str(test),
-        "--image-size",
-        "16",
-        "--channel-mults",
-        "1,2",
-        "--steps",
-        "1",
-    ]
+    base = ["segment", str(tool), "--test", str(test)]
+    base += "--image-size 16 --channel-mults 1,2 --steps 1".split()
     assert "classes tool (128) have no class of that mask value" in cli_error(base, capsys)
     empty = make_squares(tmp_path / "three", 3, 16, seed=3)  # round(0.12 x 3) = 0 pairs in val
     assert f"{empty}: no pairs in its val split (3 pairs in all)" in cli_error(
@@ -1742,7 +1723,8 @@ def test_peak_table_matches_the_longest_name_first():
     assert simgen.peak_tflops("NVIDIA GeForce RTX 3050") == (None, None)
 
 
-def test_bench_writes_every_number(tmp_path, capsys, monkeypatch):
+@pytest.mark.usefixtures("slow")
+def test_bench_writes_every_number(tmp_path, capsys):
     path = tmp_path / "bench.json"
     simgen.main(["bench", "--config", "tiny", "--repeats", "1", "--json", str(path)])
     res = json.loads(path.read_text())
@@ -1802,6 +1784,7 @@ def hold_lock(folder):
     return proc
 
 
+@pytest.mark.usefixtures("slow")
 def test_a_second_process_is_refused_a_busy_run_or_output_folder(tiny_ckpt, tmp_path, capsys):
     run_dir, out = tmp_path / "run", tmp_path / "out"
     for folder, argv in (
@@ -1974,6 +1957,7 @@ def test_resume_keeps_one_log_row_per_step_and_counts_seconds_on(tmp_path, capsy
 # The CUDA fast path, run on a CPU: bf16 autocast, inductor's CPU backend, channels_last
 
 
+@pytest.mark.usefixtures("slow")
 def test_the_fast_path_trains_resumes_and_samples_on_a_cpu_without_recompiling(tmp_path, capsys):
     from torch._dynamo.utils import counters
 
