@@ -462,10 +462,10 @@ def connected_boxes(mask):
     return dict(sorted(out.items()))
 
 
-def match_classes(classes, target, where):
+def match_classes(classes, target, where, reference="the reference set"):
     """Lookup table from the class ids of `classes` to the ids in `target` of the same mask value.
 
-    :param classes, target: PairedFolder.classes lists; where: the folder named in the error
+    :param classes, target: PairedFolder.classes lists; where, reference: named in the error
     :return: long tensor (len(classes),): target_ids = table[ids]
     """
 
@@ -476,8 +476,7 @@ def match_classes(classes, target, where):
     unknown = [f"{c['name']} ({c['value']})" for c in classes if rgb(c["value"]) not in same]
     if unknown:
         raise DataError(
-            f"{where}: classes {', '.join(unknown)} have no class of that mask value in the "
-            "reference set"
+            f"{where}: classes {', '.join(unknown)} have no class of that mask value in {reference}"
         )
     # Same value, other name: maybe another dataset's classes (synthetic tissue as background).
     pairs = [(c, same[rgb(c["value"])]) for c in classes]
@@ -490,6 +489,17 @@ def match_classes(classes, target, where):
             f"{', '.join(renamed)}; check that both folders hold the same classes"
         )
     return torch.tensor([same[rgb(c["value"])]["id"] for c in classes])
+
+
+def declared_classes(root):
+    """The classes root/classes.json names, [{"id", "name", "value"}], known before any file is
+    decoded; None without one (the values are then found by decoding every mask)."""
+    named, grey = _classes_json(Path(str(root)) / "classes.json")
+    if named is None or synthetic_classes(root) is not None:
+        return None
+    return [
+        {"id": i, "name": n, "value": _value(c, grey)} for i, (n, c) in enumerate(named.items())
+    ]
 
 
 def folder_image_size(root):
@@ -511,69 +521,131 @@ SAMPLE_FOLDERS = ("images", "masks", "masks_color")
 
 
 @contextlib.contextmanager
-def folder_lock(folder):
-    """Hold an exclusive lock on folder (made if absent) while the `with` block runs.
+def folder_lock(folder, beside=False):
+    """Hold an exclusive lock on folder while the `with` block runs; its lock file holds the PID.
 
-    Two processes writing one folder corrupt each other's files. flock is dropped by the kernel
-    when the process ends, however it ends, so a killed run never blocks its own resume.
+    The lock file is inside the folder (a run folder, made if absent, and removed again if the
+    block leaves it empty), or beside it (".<name>.simgen.lock", for a folder that may not be
+    SimGen's). It is removed when the block ends, so nothing is left behind. A second process
+    is refused in one line; flock is dropped by the kernel when the holder ends, however it
+    ends, so a killed run never blocks the next.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+") as f:
+    made = not beside and not folder.exists()
+    path = folder.parent / f".{folder.name}.simgen.lock" if beside else folder / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
+            f.close()
             raise DataError(
                 f"{folder}: in use by another simgen process (PID {holder}); "
                 "wait for it to end, or choose another folder"
             ) from None
+        try:  # the file locked must still be the one at path: its holder may have removed it
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
         f.truncate(0)  # "a+" appends: the PID is now the whole file
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: no one can take it in between
+        f.close()
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
-def prepare_output(out, stems, force):
-    """Make folder out ready for pairs named by stems (write_pairs), grid.png, boxes.json and
-    classes.json.
+def _sample_files(out, force):
+    """The files an earlier sample left in out, [] if out is absent or empty; a one-line
+    DataError if out is not a folder, holds anything sample did not write, or (without force)
+    holds an earlier sample."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+    present = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    present = [p for p in present if p != SAMPLE_MANIFEST] if out.is_dir() else []
+    if not present:
+        return []
+    try:
+        written = set(json.loads((out / SAMPLE_MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(
+            f"{out}: not empty, and not written by sample (no readable {SAMPLE_MANIFEST}); "
+            "choose a new or empty folder"
+        ) from None
+    foreign = [p for p in present if p not in written]
+    if foreign:
+        raise DataError(
+            f"{out}: holds {len(foreign)} files sample did not write (e.g. {foreign[0]}); "
+            "not touched, even with --force: choose another folder"
+        )
+    if not force:
+        raise DataError(f"{out}: holds an earlier sample; pass --force to replace it")
+    return present
 
-    A folder that holds anything sample did not write is refused, even with force: force removes
-    only the files listed in the manifest an earlier sample left there. The new manifest is
-    written before the first file, so a killed run is cleaned up by the next force.
+
+def _remove_sample(folder, files):
+    """Remove a sample folder: the listed files, its manifest, and the folders left empty."""
+    for p in [*files, SAMPLE_MANIFEST]:
+        (folder / p).unlink(missing_ok=True)
+    for sub in [*SAMPLE_FOLDERS, "."]:
+        with contextlib.suppress(OSError):  # not empty: something not ours stays
+            (folder / sub).rmdir()
+
+
+@contextlib.contextmanager
+def new_sample(out, stems, force):
+    """-> a folder to write a sample of pairs named by stems into (write_pairs, grid.png,
+    boxes.json, classes.json), which replaces out when the block ends without an error.
+
+    out must be absent, empty, or hold an earlier sample (every file listed in the manifest that
+    sample left; replaced only with force): anything else is refused before a file is written.
+    The pairs go to ".<name>.simgen-partial" beside out, which is renamed to out once complete,
+    the way a checkpoint is written: until then an earlier sample stays whole, and a failed or
+    interrupted sample leaves nothing behind. Hold folder_lock(out, beside=True) around it.
     """
+    _sample_files(out, force)
     files = [f"{sub}/{stem}.png" for sub in SAMPLE_FOLDERS for stem in stems]
     files += ["grid.png", "boxes.json", "classes.json"]
-    manifest, present = out / SAMPLE_MANIFEST, []
-    if out.is_dir():
-        present = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-        present = [p for p in present if p not in (LOCK_FILE, SAMPLE_MANIFEST)]
-    if present:
-        try:
-            written = set(json.loads(manifest.read_text())["files"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DataError(
-                f"{out}: not empty, and not written by sample (no readable {SAMPLE_MANIFEST}); "
-                "choose a new or empty folder"
-            ) from None
-        foreign = [p for p in present if p not in written]
-        if foreign:
-            raise DataError(
-                f"{out}: holds {len(foreign)} files sample did not write (e.g. {foreign[0]}); "
-                "not touched, even with --force: choose another folder"
-            )
-        if not force:
-            raise DataError(f"{out}: holds an earlier sample; pass --force to replace it")
-        for p in present:  # every one of them listed in the manifest: sample's own files
-            (out / p).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"files": sorted(files)}))
+    partial, old = (out.parent / f".{out.name}.simgen-{k}" for k in ("partial", "old"))
+    for folder in (partial, old):  # a killed sample's: its own files only
+        if folder.is_dir():
+            _remove_sample(folder, _sample_files(folder, force=True))
     for sub in SAMPLE_FOLDERS:
-        (out / sub).mkdir(exist_ok=True)
+        (partial / sub).mkdir(parents=True, exist_ok=True)
+    (partial / SAMPLE_MANIFEST).write_text(json.dumps({"files": sorted(files)}))
+    try:
+        yield partial
+        earlier = _sample_files(out, force)  # again: what is there now
+        if out.exists():
+            out.rename(old)
+        partial.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():  # the earlier sample back where it was
+            old.rename(out)
+        _remove_sample(partial, files)
+        raise
+    if old.exists():
+        _remove_sample(old, earlier)
+
+
+def write_file(path, write):
+    """write(path), with an OSError (a full disk, a read-only folder) as a DataError naming path."""
+    try:
+        write(path)
+    except OSError as e:
+        raise DataError(f"{path}: not written ({e.strerror or e})") from None
 
 
 def write_pairs(out, stems, pairs, classes):
-    """Write pairs as prepare_output's folder expects them, as lossless PNG: images/<stem>.png,
+    """Write pairs into new_sample's folder, as lossless PNG: images/<stem>.png,
     masks/<stem>.png in the dataset's own values (a drop-in dataset) and masks_color/<stem>.png.
 
     :param pairs: images uint8 (B, 3, S, S), masks (B, S, S) class ids, colours uint8 (B, S, S, 3)
@@ -581,9 +653,13 @@ def write_pairs(out, stems, pairs, classes):
     """
     boxes, names = {}, [c["name"] for c in classes]
     for stem, image, mask, colour in zip(stems, *pairs):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / "images" / f"{stem}.png")
-        Image.fromarray(mask_to_values(mask, classes)).save(out / "masks" / f"{stem}.png")
-        Image.fromarray(colour.numpy()).save(out / "masks_color" / f"{stem}.png")
+        values = mask_to_values(mask, classes)
+        for sub, a in (
+            ("images", image.permute(1, 2, 0)),
+            ("masks", values),
+            ("masks_color", colour),
+        ):
+            write_file(out / sub / f"{stem}.png", Image.fromarray(np.asarray(a)).save)
         boxes[stem] = {names[c]: b for c, b in connected_boxes(mask).items()}
     return boxes
 

@@ -587,7 +587,8 @@ def fid_from_features(f1, f2):
     a2 = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
     tr_covmean = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
     diff = f1.mean(0) - f2.mean(0)
-    return float(diff @ diff + (a1 * a1).sum() + (a2 * a2).sum() - 2 * tr_covmean)
+    # a squared distance: rounding can leave it a hair below 0 for identical sets (-0.00)
+    return max(0.0, float(diff @ diff + (a1 * a1).sum() + (a2 * a2).sum() - 2 * tr_covmean))
 
 
 def kid(f1, f2, subsets=100, subset_size=1000, seed=2020):

@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -76,6 +78,10 @@ class Config:
 
     def __post_init__(self):
         """Every flag is checked here, before any work is done or any folder is made."""
+        for f in fields(self):  # each value of its field's type (a checkpoint's, a caller's)
+            kind, value = type(f.default), getattr(self, f.name)
+            if type(value) is not kind and (kind, type(value)) not in ((float, int), (tuple, list)):
+                raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: not a {kind.__name__}")
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         positive = "image_size base_channels timesteps steps batch_size log_every ckpt_every"
         positive += " sample_n sampler_steps"
@@ -414,7 +420,8 @@ class GaussianDiffusion:
         if sampler == "ddpm":
             return list(range(self.num_timesteps - 1, -1, -1))
         if (spacing or ("lambda" if sampler.startswith("dpm++") else "t")) == "t":
-            ts = np.linspace(0, self.num_timesteps - 1, steps).round().astype(np.int64)
+            top = self.num_timesteps - 1  # one step starts at the top too: from x_T to x_0
+            ts = np.linspace(0, top, steps).round().astype(np.int64) if steps > 1 else [top]
         else:
             a_bar = self.alphas_cumprod.double().cpu().numpy()
             lam = 0.5 * np.log(a_bar / (1 - a_bar))  # decreasing in t
@@ -531,10 +538,20 @@ def update_ema(ema_params, params, decay):
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    """torch.save to a temporary file, then rename: a crash or a full disk never leaves half a
+    checkpoint, and the one before stays whole. A failed write is a one-line DataError."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
+        need = sum(t.nbytes for part in ("model", "ema") for t in state[part].values()) * 2
+        free = shutil.disk_usage(path.parent).free
+        why = "no space left on its device" if free < need else str(e).strip().splitlines()[-1]
+        space = f"about {need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free"
+        raise data.DataError(f"{path}: not saved: {why} ({space})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
@@ -549,6 +566,17 @@ def load_checkpoint(path):
     keys = {"model", "ema", "config", "classes"}
     if not isinstance(ckpt, dict) or ckpt.get("version") != VERSION or not keys <= set(ckpt):
         raise data.DataError(f"{path}: not a SimGen checkpoint of version {VERSION}")
+    try:  # its config and weights must fit this code: Config's checks, the weights' shapes
+        cfg = Config(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise data.DataError(f"{path}: its config does not fit this SimGen ({e})") from None
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ResUNet(cfg).state_dict().items()}
+    for part in ("model", "ema"):
+        got = {k: v.shape for k, v in ckpt[part].items()}
+        bad = sorted(k for k in got.keys() | shapes.keys() if got.get(k) != shapes.get(k))
+        if bad:
+            raise data.DataError(f"{path}: its {part} weights do not fit its config ({bad[0]})")
     return ckpt
 
 
@@ -687,6 +715,7 @@ def train(cfg, out, explicit=()):
         kept = f"stopped, {ckpt_path} (step {start}) is kept" if start else "stopped, no checkpoint"
         params, ema_params = list(raw.parameters()), list(ema.parameters())
         loss_sum, last_line, clock, timed_from = 0.0, start, time.time(), start
+        shown = clock  # when the last progress line was printed
 
         for step in range(start, cfg.steps):  # DDPM Algorithm 1: repeat until converged
             # lines 2-4: x_0 (image and CFL-coded mask), t ~ Uniform({1..T}), eps ~ N(0, I)
@@ -712,21 +741,22 @@ def train(cfg, out, explicit=()):
                 why = "compile, autotune; " if compiled else ""
                 log(f"first step {first:.1f}s ({why}not counted in the rates){memory}")
             due = done % cfg.ckpt_every == 0 or done == cfg.steps
-            if due or done % cfg.log_every == 0:
+            row = due or done % cfg.log_every == 0  # a line and a row of log.csv
+            if row or (rank == 0 and time.time() - shown >= 10):  # else a line every 10 s
                 mean = loss_sum / (done - last_line)
-                if world > 1:  # the mean over the ranks: the loss of the whole global batch
+                if world > 1 and row:  # the mean over the ranks: the loss of the global batch
                     dist.all_reduce(mean)
                     mean /= world
                 mean, now = float(mean), time.time()
                 if not math.isfinite(mean):
                     raise FloatingPointError(f"loss is {mean} near step {done}; {kept}")
-                seconds += now - clock
                 rate = (done - timed_from) * cfg.batch_size / (now - clock)
                 eta = f"{(cfg.steps - done) * cfg.batch_size / rate / 60:.1f} min" if rate else "-"
                 log(f"step {done}/{cfg.steps}  loss {mean:.4f}  {rate:.1f} img/s  eta {eta}")
-                if rank == 0:
-                    with open(csv, "a") as f:
-                        f.write(f"{done},{mean:.6f},{rate:.2f},{seconds:.1f}\n")
+                shown = now
+            if row:
+                seconds += now - clock
+                line = f"{done},{mean:.6f},{rate:.2f},{seconds:.1f}\n"  # written once saved
                 loss_sum, last_line, clock, timed_from = 0.0, done, time.time(), done
 
             # The checkpoint and a sample grid from the EMA (rank 0; not counted as training).
@@ -749,6 +779,9 @@ def train(cfg, out, explicit=()):
                     colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
                     data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
                 clock = time.time()
+            if row and rank == 0:
+                with open(csv, "a") as f:
+                    f.write(line)
 
         if rank == 0:  # the summary; on the built-in set, how well the last grid's masks fit
             log(f"{ckpt_path}: step {cfg.steps}, {seconds:.0f}s of training; grids in {out}")
@@ -774,8 +807,18 @@ def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
     :return: images uint8 (n, 3, S, S), masks long (n, S, S) class ids, and the mask pixels
         whose code was ambiguous (cfl.ambiguous) bool (n, S, S); all on the CPU
     """
-    shape = (n, 6, cfg.image_size, cfg.image_size)
-    x = diffusion.sample_loop(model, shape, cfg.sampler, cfg.sampler_steps, generator, known)
+    shape, steps = (n, 6, cfg.image_size, cfg.image_size), cfg.sampler_steps
+    calls = len(diffusion.sampling_timesteps(cfg.sampler, steps)) * (known.resample if known else 1)
+    done, shown = [0], [time.time()]
+
+    def network(x, t):  # the model, and a progress line every 10 s of sampling
+        done[0] += 1
+        if time.time() - shown[0] >= 10:
+            print(f"  sampling: {done[0]}/{calls} steps", flush=True)
+            shown[0] = time.time()
+        return model(x, t)
+
+    x = diffusion.sample_loop(network, shape, cfg.sampler, steps, generator, known)
     x = x.float()  # (n, 3+3, S, S) in [-1, 1]: the image beside its mask's code
     # §3.4: each mask pixel is the class whose lattice point is nearest in cosine similarity
     # (Deviation: grey and random codes by the nearest code instead: see cfl.decode)
@@ -797,6 +840,8 @@ def sample(args):
         value = getattr(args, name)
         if value is not None and value < least:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+    if args.sampler == "ddpm" and args.steps is not None:
+        raise ValueError("--steps: ddpm takes all T steps; --sampler ddim, dpm++, dpm++sde take K")
     if (args.given is None) != (args.data is None):
         raise ValueError("--given and --data go together: --given images|masks --data DATASET")
     if args.data is not None:
@@ -804,8 +849,12 @@ def sample(args):
     out, device = Path(args.out), pick_device()
     # The checkpoint carries the config and the classes: no flags to re-type, no size mismatch.
     ckpt = load_checkpoint(args.ckpt)  # on the CPU: only the EMA weights go to the device
-    cfg = replace(Config(**ckpt["config"]), sampler=args.sampler, sampler_steps=args.steps)
+    cfg = replace(Config(**ckpt["config"]), sampler=args.sampler, sampler_steps=args.steps or 20)
     classes, k = ckpt["classes"], len(ckpt["classes"])
+    if args.sampler != "ddpm" and cfg.sampler_steps > cfg.timesteps:
+        print(f"--steps {cfg.sampler_steps}: the model has T = {cfg.timesteps}; taking all of them")
+    if args.given is not None and data.declared_classes(args.data):  # before decoding DATA
+        data.match_classes(data.declared_classes(args.data), classes, args.data, args.ckpt)
     chosen = {name: getattr(args, name) for name in SPEED_FIELDS if getattr(args, name) is not None}
     amp, *_ = fast = speedups(replace(cfg, **chosen), device, chosen)  # flags override the config
     model = ResUNet(cfg).eval()
@@ -819,14 +868,14 @@ def sample(args):
         ds = data.PairedFolder(args.data, cfg.image_size, args.split)
         n = min(args.n or len(ds), len(ds))
         stems = ds.stems[:n]
-        truth = data.match_classes(ds.classes, classes, args.data)[ds.masks[:n].long()]
+        truth = data.match_classes(ds.classes, classes, args.data, args.ckpt)[ds.masks[:n].long()]
         halves = ds.images[:n] if args.given == "images" else truth
         # the image's 3 channels are known and the mask's code generated, or the other way
         keep = ((torch.arange(6) < 3) == (args.given == "images")).view(1, 6, 1, 1).to(device)
 
     b, written, boxes, started = min(args.batch_size, n), [], {}, time.time()
-    with data.folder_lock(out):
-        data.prepare_output(out, stems, args.force)
+    # Written beside out and swapped in when complete: an earlier sample stays whole until then.
+    with data.folder_lock(out, beside=True), data.new_sample(out, stems, args.force) as folder:
         for i, first in enumerate(range(0, n, b)):
             g = make_generator(device, SAMPLE_STREAM, args.seed, i)  # same seed and b: same pairs
             m, known = min(b, n - first), None
@@ -844,14 +893,15 @@ def sample(args):
             images, masks, unsure = (v[:m] for v in pairs)  # the first m of b
             colours = cfl.colorize(masks, k, cfg.mask_scheme)
             names = stems[first : first + m]
-            boxes |= data.write_pairs(out, names, (images, masks, colours), classes)
+            boxes |= data.write_pairs(folder, names, (images, masks, colours), classes)
             if i == 0:  # the overview: up to 16 pairs of the first batch
-                data.grid(images[:16], colours[:16]).save(out / "grid.png")
+                data.write_file(folder / "grid.png", data.grid(images[:16], colours[:16]).save)
             written.append((images, masks, unsure))
             print(f"{first + m}/{n} pairs, {time.time() - started:.0f}s", flush=True)
-        (out / "boxes.json").write_text(json.dumps(boxes))
         # every class, present or not, so that PairedFolder(out) keeps the training's ids
-        (out / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
+        values = {c["name"]: c["value"] for c in classes}
+        for name, content in (("boxes.json", boxes), ("classes.json", values)):
+            data.write_file(folder / name, partial(Path.write_text, data=json.dumps(content)))
     images, masks, unsure = (torch.cat(v) for v in zip(*written))
     print(f"{out}: {n} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
     radius = cfl.min_distance(k, cfg.mask_scheme) / 2  # half the smallest distance of two codes
@@ -898,8 +948,14 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
         print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
     # Real images get the training's resize and crop; fake ones at their own size stay as they
     # are. FAKE first: a bad FAKE fails before the real set's features are computed.
+    if size < 16:
+        print(
+            f"warning: --image-size {size}: too few pixels for the Inception to tell images apart"
+        )
     fake_ds = data.PairedFolder(fake, size, fake_split)
     real_ds = data.PairedFolder(real, size, real_split)
+    if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
+        print(f"warning: REAL and FAKE are the same images ({real}): their FID of 0 says nothing")
     fake_masks = data.match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()]
     model, start, last = metrics.load_inception(), time.time(), [0.0]
 
@@ -1219,7 +1275,7 @@ def build_parser():
     p.add_argument("--out", help="output folder (default samples/<run folder name>)")
     p.add_argument("--n", type=int, help="pairs (default 16; with --given, all of the split's)")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: T steps (paper)")
-    p.add_argument("--steps", type=int, default=20, help="steps of the other samplers (20)")
+    p.add_argument("--steps", type=int, help="steps of ddim, dpm++, dpm++sde (default 20)")
     p.add_argument("--given", choices=("images", "masks"), help="keep this half of --data's")
     p.add_argument("--data", help="dataset folder or 'synthetic' whose pairs --given takes")
     p.add_argument("--split", default="val", help="split of --data (default val)")
@@ -1272,6 +1328,10 @@ def train_config(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # What an interruption leaves, by command: kill (SIGTERM) stops as Ctrl-C does.
+    kept = dict(train="the last checkpoint, if any, is kept: rerun the same command to resume")
+    kept["sample"] = "nothing half-written, an earlier sample in --out as it was: rerun to sample"
+    stop = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:  # errors the user can fix are one line and exit status 1, never a traceback
         if args.command == "train":
             cfg, chosen, out = train_config(args)
@@ -1292,8 +1352,16 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(result, indent=1))
             print(f"scores in {args.json}")
     except (data.DataError, metrics.MetricsError, FloatingPointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        print(f"error: {where}{e.strerror if where else e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted; {kept.get(args.command, 'nothing half-written')}", file=sys.stderr
+        )
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@ Run: python -m pytest -q test_simgen.py
 """
 
 import copy
+import errno
 import importlib.util
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -1771,12 +1774,11 @@ def test_bench_writes_every_number(tmp_path, capsys):
 # Nothing lost: locks, sample's manifest, finite checkpoints, the cache, flags, resume logs
 
 
-def hold_lock(folder):
+def hold_lock(folder, beside):
     """A second process that holds folder's lock until killed -> the Popen."""
-    code = (
-        f"import pathlib, time, data\nwith data.folder_lock(pathlib.Path({str(folder)!r})):\n"
-        "    print('locked', flush=True)\n    time.sleep(60)\n"
-    )
+    lock = f"data.folder_lock(pathlib.Path({str(folder)!r}), beside={beside})"
+    code = f"import pathlib, time, data\nwith {lock}:\n    print('locked', flush=True)\n"
+    code += "    time.sleep(60)\n"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True
     )
@@ -1791,7 +1793,7 @@ def test_a_second_process_is_refused_a_busy_run_or_output_folder(tiny_ckpt, tmp_
         (run_dir, ["train", "synthetic", "--preset", "tiny", "--steps", "2"]),
         (out, ["sample", str(tiny_ckpt), "--n", "1"]),
     ):
-        holder = hold_lock(folder)
+        holder = hold_lock(folder, beside=folder == out)
         try:
             err = cli_error(argv + ["--out", str(folder)], capsys)
             assert f"{folder}: in use by another simgen process (PID {holder.pid})" in err
@@ -1811,9 +1813,8 @@ def test_force_never_touches_a_folder_sample_did_not_write(tiny_ckpt, tmp_path, 
     before = {p: p.read_bytes() for p in real.rglob("*") if p.is_file()}
     err = cli_error(["sample", str(tiny_ckpt), "--out", str(real), "--n", "2", "--force"], capsys)
     assert "not written by sample" in err
-    assert {
-        p: p.read_bytes() for p in real.rglob("*") if p.is_file() and p.name != data.LOCK_FILE
-    } == before
+    assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file()} == before  # no lock left
+    assert left(tmp_path) == ["real"]
     # A folder sample wrote, plus one file of the user's: refused too, and the user's file stays.
     out = tmp_path / "out"
     simgen.main(["sample", str(tiny_ckpt), "--out", str(out), "--n", "2"])
@@ -2216,3 +2217,216 @@ def test_sde_dpm_solver_samples_the_data_distribution_of_a_gaussian():
     d.sample_loop(eps, (4, 1, 1, 1), "dpm++sde", 5, generator=g)
     torch.randn((4, 1, 1, 1), generator=reference)
     assert not torch.equal(g.get_state(), reference.get_state())  # it does draw noise after x_T
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing lost, II: a sample is swapped in whole, locks leave no trace, one line for each failure
+
+
+def fail_on(fn, at, error):
+    """fn, but raising error at its call number `at` instead."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise error
+        return fn(*args, **kwargs)
+
+    return failing
+
+
+def folder_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def left(folder):
+    """What is in folder besides the tests' cache: no hidden lock or partial folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name != "cache")
+
+
+def test_force_swaps_a_sample_in_only_when_it_is_complete(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    first = ["--n", "3", "--batch-size", "1", "--seed", "1"]
+    sample(tiny_ckpt, out, *first)
+    before = folder_bytes(out)
+    again = ["sample", str(tiny_ckpt), "--out", str(out), "--n", "3", "--batch-size", "1"]
+    again += ["--seed", "2", "--force"]
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    for error, code in ((disk_full, 1), (KeyboardInterrupt(), 130)):
+        # at the 5th file written: the second pair's image (a pair's 3 files and grid.png first)
+        monkeypatch.setattr(data.Image.Image, "save", fail_on(data.Image.Image.save, 5, error))
+        with pytest.raises(SystemExit) as e:
+            simgen.main(again)
+        err = capsys.readouterr().err
+        assert e.value.code == code and err.count("\n") == 1, err
+        if code == 1:
+            assert "/images/00001.png: not written (No space left on device)" in err
+        else:
+            assert err.startswith("error: interrupted; nothing half-written, an earlier sample")
+        assert folder_bytes(out) == before  # the earlier sample, whole
+        assert left(tmp_path) == ["out"]  # nothing else left
+        monkeypatch.undo()
+        monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
+    simgen.main(again)  # complete: replaces the earlier sample
+    after = folder_bytes(out)
+    assert after.keys() == before.keys() and after["images/00000.png"] != before["images/00000.png"]
+    assert left(tmp_path) == ["out"]
+
+
+def test_a_failed_train_leaves_no_run_folder(tmp_path, capsys):
+    bad = make_dataset(tmp_path / "bad", [np.zeros((8, 8), np.uint8)] * 2)
+    (bad / "images" / "s000.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    assert "unreadable or truncated image" in cli_error(
+        ["train", str(bad), "--preset", "tiny", "--out", str(run)], capsys
+    )
+    assert not run.exists()
+    simgen.train(tiny(steps=2), run)
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "grid_0000002.png", "log.csv"]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def full(state, path):  # the second checkpoint: part of it written, then the disk is full
+        if str(path).endswith("ckpt.pt.tmp") and state["step"] == 4:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . file write failed")
+        return real_save(state, path)
+
+    monkeypatch.setattr(simgen.torch, "save", full)
+    monkeypatch.setattr(simgen.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 1))
+    err = cli_error(
+        ["train", "synthetic", "--preset", "tiny", "--steps", "6", "--ckpt-every", "2"]
+        + ["--log-every", "2", "--out", str(tmp_path / "run")],
+        capsys,
+    )
+    path = tmp_path / "run" / "ckpt.pt"
+    assert err.startswith(f"error: {path}: not saved: no space left on its device (about ")
+    assert "MB needed, 0 MB free)" in err
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "ckpt.pt",
+        "grid_0000002.png",
+        "log.csv",
+    ]
+    assert torch.load(path, weights_only=True)["step"] == 2
+    rows = (path.parent / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "2"]  # no row for the unsaved step 4
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line(tiny_ckpt, tmp_path, capsys):
+    def broken(change):
+        ckpt = torch.load(tiny_ckpt, weights_only=True)
+        change(ckpt)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+        return tmp_path / "run" / "ckpt.pt"
+
+    cases = [
+        (lambda c: c["config"].update(colour=1), "unexpected keyword argument 'colour'"),
+        (lambda c: c["config"].update(image_size="16"), "--image-size '16': not a int"),
+        (lambda c: c["ema"].update({"init.weight": torch.zeros(1)}), "ema weights do not fit"),
+    ]
+    for change, message in cases:
+        path = broken(change)
+        for argv in (["sample", str(path)], ["train", "--preset", "tiny"]):  # train resumes it
+            err = cli_error(argv + ["--out", str(tmp_path / "run")], capsys)
+            assert err.startswith(f"error: {path}: its ") and message in err, err
+
+
+def stop_at_step_3(how):
+    """GaussianDiffusion.training_losses, stopped at its third call by Ctrl-C or by a kill."""
+    real, calls = simgen.GaussianDiffusion.training_losses, []
+
+    def losses(self, *args):
+        calls.append(1)
+        if len(calls) == 3 and how == "kill":
+            os.kill(os.getpid(), signal.SIGTERM)
+        if len(calls) == 3 and how == "ctrl-c":
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    return losses
+
+
+def test_ctrl_c_and_kill_stop_in_one_line(tmp_path, monkeypatch, capsys):
+    handler = signal.getsignal(signal.SIGTERM)
+    for how in ("ctrl-c", "kill"):
+        monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", stop_at_step_3(how))
+        with pytest.raises(SystemExit) as e:
+            simgen.main(["train", "synthetic", "--preset", "tiny", "--out", str(tmp_path / how)])
+        assert e.value.code == 130
+        err = capsys.readouterr().err
+        assert err.startswith("error: interrupted; the last checkpoint, if any, is kept: rerun")
+        assert err.count("\n") == 1 and signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_os_errors_name_their_path(tiny_ckpt, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    err = cli_error(["sample", str(tiny_ckpt), "--out", str(a_file)], capsys)
+    assert err == f"error: {a_file}: exists and is not a folder; choose another --out\n"
+    err = cli_error(["train", "--preset", "tiny", "--out", str(a_file / "run")], capsys)
+    assert err.startswith(f"error: {a_file}") and "Errno" not in err
+    assert a_file.read_text() == "mine"
+
+
+def test_sampler_steps_are_said_and_one_step_starts_at_the_top(tiny_ckpt, tmp_path, capsys):
+    d = simgen.GaussianDiffusion(50)
+    assert d.sampling_timesteps("ddim", 1) == [49] and d.sampling_timesteps("dpm++", 1) == [49]
+    assert d.sampling_timesteps("ddim", 50) == list(range(49, -1, -1))
+    err = cli_error(
+        ["sample", str(tiny_ckpt), "--out", str(tmp_path / "a"), "--steps", "5"], capsys
+    )
+    assert "--steps: ddpm takes all T steps" in err and not (tmp_path / "a").exists()
+    sample(tiny_ckpt, tmp_path / "b", "--n", "1", "--sampler", "ddim", "--steps", "500")
+    assert "--steps 500: the model has T = 50; taking all of them" in capsys.readouterr().out
+
+
+def test_eval_warns_of_the_same_images_and_of_tiny_ones(tmp_path, stand_in, capsys):
+    real = make_squares(tmp_path / "real", 4, 16, seed=0)
+    out, s = run(["eval", str(real), str(real), "--json", str(tmp_path / "s.json")], capsys)
+    assert "warning: REAL and FAKE are the same images" in out
+    assert 0 <= s["fid"] < 1e-9 and "FID  0.00 " in out and "-0.00" not in out
+    out = run(
+        ["eval", str(real), str(real), "--image-size", "8", "--json", str(tmp_path / "t.json")],
+        capsys,
+    )[0]
+    assert "warning: --image-size 8: too few pixels" in out
+
+
+def test_given_classes_are_checked_against_the_checkpoint_before_decoding(
+    tiny_ckpt, tmp_path, capsys
+):
+    other = make_squares(
+        tmp_path / "other", 9, 16, seed=0, value=200, spec={"background": 0, "tool": 200}
+    )
+    argv = ["sample", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--given", "masks"]
+    err = cli_error(argv + ["--data", str(other)], capsys)
+    assert (
+        err
+        == f"error: {other}: classes tool (200) have no class of that mask value in {tiny_ckpt}\n"
+    )
+    assert "pairs at" not in capsys.readouterr().out  # nothing was decoded
+
+
+def test_progress_lines_at_least_every_10_s_leave_log_csv_alone(tmp_path, monkeypatch, capsys):
+    class Clock:  # 11 s pass between any two readings
+        now = 0.0
+
+        def time(self):
+            self.now += 11
+            return self.now
+
+    monkeypatch.setattr(simgen, "time", Clock())
+    simgen.train(tiny(steps=4, log_every=4, ckpt_every=4), tmp_path)
+    out = capsys.readouterr().out
+    for step in (2, 3, 4):  # step 1 prints its own time
+        assert f"step {step}/4  loss" in out
+    assert "first step" in out and "compile" not in out  # nothing compiles on a CPU
+    assert "  sampling: 1/50 steps" in out and "  sampling: 50/50 steps" in out
+    assert [r.split(",")[0] for r in (tmp_path / "log.csv").read_text().splitlines()] == [
+        "step",
+        "4",
+    ]
