@@ -491,6 +491,29 @@ def match_classes(classes, target, where, reference="the reference set"):
     return torch.tensor([same[rgb(c["value"])]["id"] for c in classes])
 
 
+def gather(roots, splits, test, fraction=1.0, generator=None):
+    """The pairs of several dataset folders as one training set for the PairedFolder test, in its
+    size and class ids (matched by mask value); `fraction` keeps a random subset of the first
+    folder's pairs, drawn by generator. A folder that overlaps test's split is warned about.
+    -> images uint8 (N, 3, S, S), masks uint8 (N, S, S), [dict(root, split, pairs, of)]"""
+    images, masks, used = [], [], []
+    for i, (root, split) in enumerate(zip(roots, splits)):
+        ds = PairedFolder(root, test.images.shape[-1], split)
+        same = Path(str(root)).resolve() == Path(test.root).resolve()
+        if same and (split == test.split or "all" in (split, test.split)):
+            print(f"warning: {root} [{split}] overlaps the test split: the IoU is no test score")
+        keep = torch.arange(len(ds))
+        if i == 0 and fraction < 1:  # the same subset for a generator, whatever the others are
+            keep = torch.randperm(len(ds), generator=generator)
+            keep = keep[: round(fraction * len(ds))].sort().values  # round(4.5) = 4
+            if not len(keep):
+                raise DataError(f"{root}: --real-fraction {fraction} leaves no pair")
+        images.append(ds.images[keep])
+        masks.append(match_classes(ds.classes, test.classes, root)[ds.masks[keep].long()])
+        used.append(dict(root=str(root), split=split, pairs=len(keep), of=len(ds)))
+    return torch.cat(images), torch.cat(masks).to(torch.uint8), used
+
+
 def declared_classes(root):
     """The classes root/classes.json names, [{"id", "name", "value"}], known before any file is
     decoded; None without one (the values are then found by decoding every mask)."""
@@ -601,9 +624,10 @@ def _remove_sample(folder, files):
 
 
 @contextlib.contextmanager
-def new_sample(out, stems, force):
+def new_sample(out, stems, classes, force):
     """-> a folder to write a sample of pairs named by stems into (write_pairs, grid.png,
-    boxes.json, classes.json), which replaces out when the block ends without an error.
+    boxes.json; classes.json is written here), which replaces out when the block ends without
+    an error.
 
     out must be absent, empty, or hold an earlier sample (every file listed in the manifest that
     sample left; replaced only with force): anything else is refused before a file is written.
@@ -621,6 +645,8 @@ def new_sample(out, stems, force):
     for sub in SAMPLE_FOLDERS:
         (partial / sub).mkdir(parents=True, exist_ok=True)
     (partial / SAMPLE_MANIFEST).write_text(json.dumps({"files": sorted(files)}))
+    # every class, present or not, so that PairedFolder(out) keeps the training's class ids
+    (partial / "classes.json").write_text(json.dumps({c["name"]: c["value"] for c in classes}))
     try:
         yield partial
         earlier = _sample_files(out, force)  # again: what is there now

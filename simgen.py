@@ -581,9 +581,13 @@ def load_checkpoint(path):
 
 
 def pick_device(name=None):
-    """torch.device(name); without a name, the GPU when there is one, else the CPU."""
+    """torch.device(name); without one, this process's GPU (LOCAL_RANK under torchrun) if there
+    is one, else the CPU."""
+    if name is None and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", torch.cuda.current_device())
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -627,10 +631,7 @@ def train(cfg, out, explicit=()):
     data.check_root(cfg.data)  # before the run folder is made
     # Several GPUs: DDP under torchrun, each rank with its share of every global batch.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device()
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    device = pick_device()  # this rank's GPU
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = print if rank == 0 else lambda *args, **kwargs: None  # rank 0 logs and saves
@@ -687,11 +688,8 @@ def train(cfg, out, explicit=()):
 
         # The GPU switches: none changes the algorithm, each only how fast it runs.
         if device.type == "cuda":  # TF32: fp32 products on the tensor cores, 10-bit mantissas
-            if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-                torch.backends.cuda.matmul.fp32_precision = "tf32"
-                torch.backends.cudnn.conv.fp32_precision = "tf32"
-            else:
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")  # the API metrics' strict fp32 uses
+            torch.backends.cudnn.allow_tf32 = True
         if channels_last:  # NHWC, the layout tensor cores read; the EMA too, for update_ema
             raw, ema = (m.to(memory_format=torch.channels_last) for m in (raw, ema))
             # Adam's moments in their weight's layout: a CPU run's checkpoint holds them in NCHW
@@ -768,8 +766,7 @@ def train(cfg, out, explicit=()):
                     state = dict(model=raw.state_dict(), ema=ema.state_dict(), step=done)
                     state.update(optimizer=opt.state_dict(), config=asdict(cfg), seconds=seconds)
                     state.update(classes=ds.classes, version=VERSION)
-                    if scaler.is_enabled():
-                        state["scaler"] = scaler.state_dict()
+                    state |= dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}
                     save_checkpoint(ckpt_path, state)
                     kept = f"stopped, {ckpt_path} (step {done}) is kept"
                     # the same noise every time: a run's grids show the training, not the draw
@@ -807,18 +804,15 @@ def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
     :return: images uint8 (n, 3, S, S), masks long (n, S, S) class ids, and the mask pixels
         whose code was ambiguous (cfl.ambiguous) bool (n, S, S); all on the CPU
     """
-    shape, steps = (n, 6, cfg.image_size, cfg.image_size), cfg.sampler_steps
-    calls = len(diffusion.sampling_timesteps(cfg.sampler, steps)) * (known.resample if known else 1)
-    done, shown = [0], [time.time()]
+    shape, shown = (n, 6, cfg.image_size, cfg.image_size), [time.time()]
 
     def network(x, t):  # the model, and a progress line every 10 s of sampling
-        done[0] += 1
         if time.time() - shown[0] >= 10:
-            print(f"  sampling: {done[0]}/{calls} steps", flush=True)
+            print(f"  sampling: at t = {int(t[0]) + 1} of T = {cfg.timesteps}", flush=True)
             shown[0] = time.time()
         return model(x, t)
 
-    x = diffusion.sample_loop(network, shape, cfg.sampler, steps, generator, known)
+    x = diffusion.sample_loop(network, shape, cfg.sampler, cfg.sampler_steps, generator, known)
     x = x.float()  # (n, 3+3, S, S) in [-1, 1]: the image beside its mask's code
     # §3.4: each mask pixel is the class whose lattice point is nearest in cosine similarity
     # (Deviation: grey and random codes by the nearest code instead: see cfl.decode)
@@ -875,7 +869,8 @@ def sample(args):
 
     b, written, boxes, started = min(args.batch_size, n), [], {}, time.time()
     # Written beside out and swapped in when complete: an earlier sample stays whole until then.
-    with data.folder_lock(out, beside=True), data.new_sample(out, stems, args.force) as folder:
+    lock = data.folder_lock(out, beside=True)
+    with lock, data.new_sample(out, stems, classes, args.force) as folder:
         for i, first in enumerate(range(0, n, b)):
             g = make_generator(device, SAMPLE_STREAM, args.seed, i)  # same seed and b: same pairs
             m, known = min(b, n - first), None
@@ -898,22 +893,16 @@ def sample(args):
                 data.write_file(folder / "grid.png", data.grid(images[:16], colours[:16]).save)
             written.append((images, masks, unsure))
             print(f"{first + m}/{n} pairs, {time.time() - started:.0f}s", flush=True)
-        # every class, present or not, so that PairedFolder(out) keeps the training's ids
-        values = {c["name"]: c["value"] for c in classes}
-        for name, content in (("boxes.json", boxes), ("classes.json", values)):
-            data.write_file(folder / name, partial(Path.write_text, data=json.dumps(content)))
+        data.write_file(folder / "boxes.json", partial(Path.write_text, data=json.dumps(boxes)))
     images, masks, unsure = (torch.cat(v) for v in zip(*written))
     print(f"{out}: {n} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
     radius = cfl.min_distance(k, cfg.mask_scheme) / 2  # half the smallest distance of two codes
     print(f"{unsure.float().mean():.2%} of mask pixels ambiguous (> {radius:.3f} from all codes)")
     if args.given == "images":  # image -> mask is segmentation: scored against the truth
-        per_class, mean = metrics.iou(masks, truth, k)
         accuracy = (masks == truth).float().mean().item()
-        scores = ", ".join(f"{c['name']} {fmt(v, 3)}" for c, v in zip(classes, per_class))
-        print(
-            f"image -> mask against {args.data} [{args.split}]: pixel accuracy {accuracy:.3f}, "
-            f"mean IoU {fmt(mean, 3)} ({scores})"
-        )
+        table = metrics.iou_report(masks, truth, classes)[2]
+        print(f"image -> mask against {args.data} [{args.split}]: pixel accuracy {accuracy:.3f}")
+        print(table)
     elif args.given == "masks" and data.synthetic_classes(args.data) is not None:
         real = ds.images[:n], ds.masks[:n]  # the built-in set's colours tell each pixel's class
         alignment = data.alignment_report(images, masks, data.synthetic_classes(args.data), real)
@@ -922,10 +911,6 @@ def sample(args):
 
 
 # ---------------------------------------------------------------------------------- eval (§3.5)
-
-
-def fmt(v, digits):  # a score in eval's and segment's tables; "-": nothing to score
-    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_size=50, device=None):
@@ -957,16 +942,14 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
     if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
         print(f"warning: REAL and FAKE are the same images ({real}): their FID of 0 says nothing")
     fake_masks = data.match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()]
-    model, start, last = metrics.load_inception(), time.time(), [0.0]
+    model, start = metrics.load_inception(), time.time()
 
-    def features(name, ds, masks):  # with a progress line every 5 s and at each stage's end
-        def show(stage, done, total):
-            if done == total or time.time() - last[0] >= 5:
-                print(f"  {name} {stage}: {done}/{total}", flush=True)
-                last[0] = time.time()
-
-        feats = metrics.dataset_features(model, ds.images, masks, None, batch_size, device, show)
-        return {k: torch.from_numpy(v) for k, v in feats.items()}  # float64 (N, 2048) each
+    def features(name, ds, masks):  # float64 (N, 2048) arrays as tensors, for the cache
+        progress = metrics.printer(name)
+        feats = metrics.dataset_features(
+            model, ds.images, masks, None, batch_size, device, progress
+        )
+        return {k: torch.from_numpy(v) for k, v in feats.items()}
 
     # The real set's features are cached, keyed by all they depend on: pixels, classes, the
     # network's weights, the region rule; the folder's path is in the file's name.
@@ -986,20 +969,7 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
         c = real_ds.classes[row["class"]]
         row.update(name=c["name"], value=c["value"])
 
-    n_real, n_fake, seconds = scores["n_real"], scores["n_fake"], time.time() - start
-    print(f"FID  {scores['fid']:.2f}  ({n_real} real, {n_fake} fake images at {size}x{size})")
-    print(f"KID  {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({seconds:.0f}s)")
-    scored = sum(r["fid"] is not None for r in scores["per_class"])
-    print(
-        f"sFID {fmt(scores['sfid'], 2)}  sKID {fmt(scores['skid'], 4)}  (mean over the {scored} "
-        f"classes with >= 2 regions of >= {metrics.MIN_REGION_PIXELS} pixels in both sets)"
-    )
-    print(f"{'class':<20}{'value':>16}{'n_real':>8}{'n_fake':>8}{'FID':>10}{'KID':>10}")
-    for r in scores["per_class"]:
-        counts = f"{str(r['value']):>16}{r['n_real']:>8}{r['n_fake']:>8}"
-        print(f"{r['name']:<20}{counts}{fmt(r['fid'], 2):>10}{fmt(r['kid'], 4):>10}")
-    if min(n_real, n_fake) < 2048:
-        print("warning: fewer than 2048 images in a set: FID is biased up; compare equal sizes")
+    print(f"{metrics.report(scores)}\n({size}x{size} images, {time.time() - start:.0f}s)")
     k = data.synthetic_classes(real)
     if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
         aligned = data.alignment_score(fake_ds.images, fake_masks, k)
@@ -1038,23 +1008,11 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction
         raise data.DataError(f"{ckpt_path}: exists; choose another --out")
     device, start = pick_device(), time.time()
     test = data.PairedFolder(test_root, cfg.image_size, test_split)
-    images, masks, used = [], [], []  # the training pairs, in the test set's class ids
     splits = list(splits) * len(roots) if len(splits) == 1 else splits
-    for i, (root, split) in enumerate(zip(roots, splits)):
-        ds = data.PairedFolder(root, cfg.image_size, split)
-        same = Path(str(root)).resolve() == Path(str(test_root)).resolve()
-        if same and (split == test_split or "all" in (split, test_split)):
-            print(f"warning: {root} [{split}] overlaps the test split: the IoU is no test score")
-        keep = torch.arange(len(ds))
-        if i == 0 and fraction < 1:  # the same subset for a seed, whatever the others are
-            keep = torch.randperm(len(ds), generator=make_generator("cpu", SUBSET_STREAM, cfg.seed))
-            keep = keep[: round(fraction * len(ds))].sort().values  # round(4.5) = 4
-            if not len(keep):
-                raise data.DataError(f"{root}: --real-fraction {fraction} leaves no pair")
-        images.append(ds.images[keep])
-        masks.append(data.match_classes(ds.classes, test.classes, root)[ds.masks[keep].long()])
-        used.append(dict(root=str(root), split=split, pairs=len(keep), of=len(ds)))
-    images, masks = torch.cat(images).to(device), torch.cat(masks).to(device)
+    # the training pairs in the test set's class ids; the first folder's subset fixed by the seed
+    subset = make_generator("cpu", SUBSET_STREAM, cfg.seed)
+    images, masks, used = data.gather(roots, splits, test, fraction, subset)
+    images, masks = images.to(device), masks.to(device)
 
     torch.manual_seed(cfg.seed)
     model = ResUNet(cfg, 3, test.num_classes, time_embedding=False).to(device)
@@ -1082,13 +1040,9 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction
     with torch.no_grad(), autocast(amp, device):
         batches = test.images.split(cfg.batch_size)
         pred = torch.cat([model(data.to_unit(b.to(device))).argmax(1).cpu() for b in batches])
-    per_class, mean = metrics.iou(pred, test.masks, test.num_classes)
-    where = f"{len(test)} pairs of {test_root} [{test_split}]"
-    print(f"{'class':<20}{'value':>16}{'IoU':>8}   ({where})")
-    for c, v in zip(test.classes, per_class):
-        print(f"{c['name']:<20}{str(c['value']):>16}{fmt(v, 3):>8}")
+    per_class, mean, table = metrics.iou_report(pred, test.masks, test.classes)
     seconds = round(time.time() - start, 1)
-    print(f"mean IoU {fmt(mean, 3)} over the classes in prediction or truth ({seconds:.0f}s)")
+    print(f"{table}\n({len(test)} pairs of {test_root} [{test_split}], {seconds:.0f}s)")
     if ckpt_path:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         state = dict(model=model.state_dict(), config=asdict(cfg), classes=test.classes)
@@ -1113,14 +1067,13 @@ BENCH_CONFIGS = {"paper": "paper", "small": "demo", "tiny": "tiny"}  # bench --c
 
 
 def peak_tflops(name):
-    """(half, tf32) dense peak TFLOP/s of the CUDA device called name, half being the autocast
-    dtype speedups() picks there (bf16; fp16 on a V100); (None, None) if unknown."""
+    """(bf16 or fp16 as speedups() picks, tf32) dense peak TFLOP/s of a device; None if unknown."""
     return next((p for key, p in PEAK_TFLOPS.items() if key in name), (None, None))
 
 
 def timed(fn, repeats, device, warmup=True, inner=1):
-    """Median seconds of one fn() over repeats timings of inner calls, after an untimed call if
-    warmup (compilation, autotuning); on CUDA the queued work is waited for around each timing."""
+    """Median seconds of fn() over repeats timings of inner calls, after an untimed one if warmup
+    (compilation, autotuning); on CUDA, the queued work is waited for."""
     times, sync = [], torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(repeats + warmup):
         sync()
@@ -1170,8 +1123,8 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     res = dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
     res |= dict(config=config, image_size=cfg.image_size, batch_size=cfg.batch_size)
     res |= dict(repeats=repeats, load_average=load, peak_tflops=dict(bf16=peak[0], tf32=peak[1]))
-    print(f"bench on {name}, torch {torch.__version__}: {config} config, median of {repeats}")
-    print(f"{cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}; load average {load}")
+    size = f"{cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}"
+    print(f"bench on {name}, torch {torch.__version__}: {config} config ({size}), load {load}")
     ds = data.PairedFolder("synthetic", cfg.image_size, "train")
     ds.images, ds.masks = ds.images.to(device), ds.masks.to(device)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
@@ -1328,10 +1281,7 @@ def train_config(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    # What an interruption leaves, by command: kill (SIGTERM) stops as Ctrl-C does.
-    kept = dict(train="the last checkpoint, if any, is kept: rerun the same command to resume")
-    kept["sample"] = "nothing half-written, an earlier sample in --out as it was: rerun to sample"
-    stop = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill stops as Ctrl-C does
     try:  # errors the user can fix are one line and exit status 1, never a traceback
         if args.command == "train":
             cfg, chosen, out = train_config(args)
@@ -1352,13 +1302,12 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(result, indent=1))
             print(f"scores in {args.json}")
     except (data.DataError, metrics.MetricsError, FloatingPointError, ValueError, OSError) as e:
-        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-        print(f"error: {where}{e.strerror if where else e}", file=sys.stderr)
+        named = isinstance(e, OSError) and e.filename  # the path beside errno's words
+        print(f"error: {f'{e.filename}: {e.strerror}' if named else e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
-        print(
-            f"error: interrupted; {kept.get(args.command, 'nothing half-written')}", file=sys.stderr
-        )
+        kept = "nothing is half-written, and a run goes on from its last checkpoint when rerun"
+        print(f"error: interrupted; {kept}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, stop)

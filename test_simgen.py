@@ -2263,7 +2263,7 @@ def test_force_swaps_a_sample_in_only_when_it_is_complete(tiny_ckpt, tmp_path, m
         if code == 1:
             assert "/images/00001.png: not written (No space left on device)" in err
         else:
-            assert err.startswith("error: interrupted; nothing half-written, an earlier sample")
+            assert err.startswith("error: interrupted; nothing is half-written")
         assert folder_bytes(out) == before  # the earlier sample, whole
         assert left(tmp_path) == ["out"]  # nothing else left
         monkeypatch.undo()
@@ -2358,7 +2358,7 @@ def test_ctrl_c_and_kill_stop_in_one_line(tmp_path, monkeypatch, capsys):
             simgen.main(["train", "synthetic", "--preset", "tiny", "--out", str(tmp_path / how)])
         assert e.value.code == 130
         err = capsys.readouterr().err
-        assert err.startswith("error: interrupted; the last checkpoint, if any, is kept: rerun")
+        assert err.startswith("error: interrupted; nothing is half-written, and a run goes on")
         assert err.count("\n") == 1 and signal.getsignal(signal.SIGTERM) is handler
 
 
@@ -2425,7 +2425,7 @@ def test_progress_lines_at_least_every_10_s_leave_log_csv_alone(tmp_path, monkey
     for step in (2, 3, 4):  # step 1 prints its own time
         assert f"step {step}/4  loss" in out
     assert "first step" in out and "compile" not in out  # nothing compiles on a CPU
-    assert "  sampling: 1/50 steps" in out and "  sampling: 50/50 steps" in out
+    assert "  sampling: at t = 50 of T = 50" in out and "  sampling: at t = 1 of T = 50" in out
     assert [r.split(",")[0] for r in (tmp_path / "log.csv").read_text().splitlines()] == [
         "step",
         "4",
