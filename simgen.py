@@ -335,10 +335,8 @@ class GaussianDiffusion:
         pred_xstart = self._predict_xstart_from_eps(x, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        mean, variance, log_variance = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return dict(
-            mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart
-        )
+        mean, variance, log_var = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return dict(mean=mean, variance=variance, log_variance=log_var, pred_xstart=pred_xstart)
 
     def p_sample(self, model, x, t, generator=None):
         """One ancestral step x_t -> x_{t-1}: DDPM Algorithm 2, lines 3-4."""
@@ -498,11 +496,9 @@ def make_generator(device, stream, *key):
 
 
 def training_batch(ds, cfg, step, rank=0, world=1):
-    """This rank's share of step's batch: DDPM Algorithm 1 lines 2-4, made where ds's tensors are.
-
-    :param ds: data.PairedFolder: images uint8 (N, 3, S, S), masks uint8 (N, S, S) class ids
-    :return: x_0 (B, 6, S, S) in [-1, 1], t (B,) long, noise (B, 6, S, S); B = batch_size / world
-    """
+    """This rank's share of step's batch: DDPM Algorithm 1 lines 2-4, made where ds's tensors are
+    (ds: a data.PairedFolder: images uint8 (N, 3, S, S), masks uint8 (N, S, S) class ids).
+    -> x_0 (B, 6, S, S) in [-1, 1], t (B,) long, noise (B, 6, S, S); B = batch_size / world"""
     device, b = ds.images.device, cfg.batch_size // world
     # Every draw comes from (seed, step): a resumed run repeats it exactly.
     g = make_generator(device, BATCH_STREAM, cfg.seed, step)  # the global batch, on every rank
@@ -545,7 +541,8 @@ def save_checkpoint(path, state):
         torch.save(state, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
-        need = sum(t.nbytes for part in ("model", "ema") for t in state[part].values()) * 2
+        weights = sum(t.nbytes for t in state["model"].values())  # + EMA and Adam's 2 moments
+        need = weights * (1 + ("ema" in state) + 2 * ("optimizer" in state))
         free = shutil.disk_usage(path.parent).free
         why = "no space left on its device" if free < need else str(e).strip().splitlines()[-1]
         space = f"about {need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free"
@@ -583,17 +580,16 @@ def load_checkpoint(path):
 def pick_device(name=None):
     """torch.device(name); without one, this process's GPU (LOCAL_RANK under torchrun) if there
     is one, else the CPU."""
-    if name is None and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda", torch.cuda.current_device())
     if name is None:
-        return torch.device("cpu")
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the current device of everything that follows
     return device
 
 
@@ -797,13 +793,10 @@ def train(cfg, out, explicit=()):
 
 @torch.no_grad()
 def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
-    """n pairs from noise with cfg.sampler (DDPM Algorithm 2 by default), masks decoded (§3.4).
-
-    :param cfg: image_size, mask_scheme, sampler and sampler_steps (ddpm takes all T steps)
-    :param generator: every draw comes from it; known: conditional sampling (sample_loop)
-    :return: images uint8 (n, 3, S, S), masks long (n, S, S) class ids, and the mask pixels
-        whose code was ambiguous (cfl.ambiguous) bool (n, S, S); all on the CPU
-    """
+    """n pairs from noise with cfg.sampler and cfg.sampler_steps (DDPM Algorithm 2 by default),
+    every draw from generator, masks decoded (§3.4); known: conditional sampling (sample_loop).
+    -> images uint8 (n, 3, S, S), masks long (n, S, S) class ids, and the mask pixels whose code
+    was ambiguous (cfl.ambiguous) bool (n, S, S); all on the CPU"""
     shape, shown = (n, 6, cfg.image_size, cfg.image_size), [time.time()]
 
     def network(x, t):  # the model, and a progress line every 10 s of sampling
@@ -822,14 +815,10 @@ def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
 
 
 def sample(args):
-    """The sample command (args: its parsed flags): pairs from a checkpoint's EMA weights.
-
-    args.out gets images/*.png, masks/*.png (in the dataset's own mask values) and classes.json,
-    which data.PairedFolder(args.out) reads back with the training's class ids; and masks_color/,
-    grid.png and boxes.json ({stem: {class: [[x0, y0, x1, y1], ...]}}, the paper's "coordinate
-    extraction"). With args.given ("images" or "masks") each pair of args.data's split keeps that
-    half and the other is generated. -> images uint8 (N, 3, S, S), masks long (N, S, S)
-    """
+    """The sample command (args: its flags): pairs from a checkpoint's EMA weights in args.out:
+    images/, masks/ (the dataset's own values) and classes.json, which data.PairedFolder reads
+    back with the training's class ids; masks_color/, grid.png and boxes.json (the paper's
+    "coordinate extraction"). args.given: each pair of args.data's split keeps that half."""
     for name, least in (("n", 1), ("batch_size", 1), ("steps", 1), ("seed", 0), ("resample", 1)):
         value = getattr(args, name)
         if value is not None and value < least:
@@ -917,8 +906,7 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
     """FID, KID, sFID and sKID (§3.5, metrics.py) of the FAKE pairs against the REAL ones.
 
     :param real, fake: dataset folders or "synthetic"; fake is usually what `sample` wrote
-    :param size: S for both sets; None = fake's own size (256 if its images differ in size)
-    :param device: a device name; None: the GPU if there is one
+    :param size: S for both; None = fake's own (256 if sizes differ); device: None = the GPU
     :return: metrics.distances' dict (per_class rows get name and value) plus the sets, splits, S
     """
     for flag, value in (("--image-size", size), ("--batch-size", batch_size)):
@@ -931,12 +919,10 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
     if size is None:
         size = 256
         print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
+    if size < 16:
+        print(f"warning: --image-size {size}: too few pixels for the Inception to tell apart")
     # Real images get the training's resize and crop; fake ones at their own size stay as they
     # are. FAKE first: a bad FAKE fails before the real set's features are computed.
-    if size < 16:
-        print(
-            f"warning: --image-size {size}: too few pixels for the Inception to tell images apart"
-        )
     fake_ds = data.PairedFolder(fake, size, fake_split)
     real_ds = data.PairedFolder(real, size, real_split)
     if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
@@ -945,10 +931,8 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
     model, start = metrics.load_inception(), time.time()
 
     def features(name, ds, masks):  # float64 (N, 2048) arrays as tensors, for the cache
-        progress = metrics.printer(name)
-        feats = metrics.dataset_features(
-            model, ds.images, masks, None, batch_size, device, progress
-        )
+        show = metrics.printer(name)
+        feats = metrics.dataset_features(model, ds.images, masks, None, batch_size, device, show)
         return {k: torch.from_numpy(v) for k, v in feats.items()}
 
     # The real set's features are cached, keyed by all they depend on: pixels, classes, the
@@ -992,10 +976,9 @@ SEGMENT |= dict(steps=300, batch_size=16, lr=2e-3, seed=0)
 def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction=1.0, out=None):
     """Train a segmentation ResUNet on dataset folders; per-class and mean IoU on a real test split.
 
-    :param roots: training folders or "synthetic", real or generated; the first is "the real one"
+    :param roots, splits: training folders, real or generated, the first the real one; their
+        splits, one or one each; fraction: a seeded fraction of the first one's pairs (Fig. 15)
     :param cfg: Config; image_size, base_channels, channel_mults, steps, batch_size, lr, seed
-    :param splits: one split for all roots, or one each (a generated folder: "all")
-    :param fraction: a fixed random fraction of the first folder's pairs is used (Fig. 15)
     :param out: folder for segment.pt ({model, config, classes, version}); never overwritten
     :return: dict for the JSON: train (folder, split, pairs used, of), test, classes with iou, ...
     """
@@ -1109,10 +1092,9 @@ def bench_step(cfg, fast, ds, diffusion):
 
 
 def bench(config=None, repeats=None, json_path=None, profile=False):
-    """What a user sizes a GPU job by, measured here -> dict: train's step (paper config on CUDA,
-    demo on a CPU) in eager fp32, autocast, and autocast + compile + channels_last (images per
-    second, MFU = counted FLOPs per second over the device's peak, peak memory); seconds for 16
-    pairs with each sampler; profile: the top 10 operators and kernels of the last variant."""
+    """What a user sizes a GPU job by -> dict: train's step (paper config; demo on a CPU) in fp32,
+    autocast, autocast + compile + channels_last (img/s, MFU: counted FLOPs per second over the
+    peak, peak memory); seconds for 16 pairs per sampler; profile: the last variant's top 10."""
     started, device = time.time(), pick_device()
     cuda = device.type == "cuda"
     config, repeats = config or ("paper" if cuda else "small"), repeats or (10 if cuda else 3)
