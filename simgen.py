@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -126,10 +127,22 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and checkpoint keys) that keeps its input's memory layout:
+    CUDA's group_norm makes NHWC input NCHW, and the copies back cost a sixth of a step."""
+
+    def forward(self, x):  # (B, C, H, W) -> the same, in float32 as autocast runs group_norm
+        b, c, h, w = x.shape
+        g = x.float().view(b, self.num_groups, c // self.num_groups, h, w)  # views NHWC too
+        var, mean = torch.var_mean(g, dim=(2, 3, 4), correction=0, keepdim=True)
+        x = ((g - mean) * torch.rsqrt(var + self.eps)).view(b, c, h, w)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
 def norm(c):
     # Note: at most 32 groups as in DDPM's U-Net, and at least 4 channels in each: a group of
     # one channel is InstanceNorm, which erases each image's mean colour (narrow nets drift).
-    return nn.GroupNorm(math.gcd(32, c // 4), c)
+    return GroupNorm(math.gcd(32, c // 4), c)
 
 
 class ConvBlock(nn.Module):
@@ -369,7 +382,8 @@ class GaussianDiffusion:
         return x_prev + (1 - a_prev - sigma**2).sqrt() * eps + sigma * noise
 
     def dpm_solver_sample(self, model, x, t, t_prev, previous=None, noise=None):
-        """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from t to t_prev < t.
+        """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from t to t_prev < t (None:
+        to x_0, the last step).
 
         Deviation: an extension, not in the paper. It integrates the probability-flow ODE in
         its data-prediction form, x_t = (s_t / s_s) x_s + s_t * integral of e^lambda x_theta
@@ -385,11 +399,11 @@ class GaussianDiffusion:
         :return: (x_{t_prev}, (x_theta, lambda) of this step for the next one)
         """
         x0 = self.p_mean_variance(model, x, t)["pred_xstart"]  # x_theta(x_t, t), in [-1, 1]
-        a_bar, a_bar_prev = self._extract(self.alphas_cumprod, t, x), self._alpha_bar(t_prev, x)
+        a_bar = self._extract(self.alphas_cumprod, t, x)
         lam = 0.5 * (a_bar / (1 - a_bar)).log()  # lambda_t = log(a_t / s_t)
-        # To x_0: s = 0, lambda = inf, e^{-h} = 0, so x_0 = x_theta. (One host sync per step.)
-        if bool((t_prev < 0).all()):
+        if t_prev is None:  # to x_0: s = 0, lambda = inf, e^{-h} = 0, so x_0 = x_theta
             return x0, (x0, lam)
+        a_bar_prev = self._extract(self.alphas_cumprod, t_prev, x)
         h = 0.5 * (a_bar_prev / (1 - a_bar_prev)).log() - lam  # h_i = lambda_i - lambda_{i-1} > 0
         d = x0
         if previous is not None:  # Algorithm 2: r_i = h_{i-1} / h_i, D_i from the last two x_theta
@@ -468,7 +482,8 @@ class GaussianDiffusion:
                     noise = None
                     if sampler == "dpm++sde" and i_prev >= 0:
                         noise = torch.randn(x.shape, generator=generator, device=x.device)
-                    x_prev, state = self.dpm_solver_sample(model, x, t, t_prev, history, noise)
+                    to = t_prev if i_prev >= 0 else None  # None: to x_0 (no host sync to learn it)
+                    x_prev, state = self.dpm_solver_sample(model, x, t, to, history, noise)
                 if r + 1 < rounds and i_prev >= 0:  # RePaint line 9: back up to level t
                     x = self.q_resample(x_prev, t_prev, t, generator)
             x = x_prev
@@ -516,21 +531,30 @@ def training_batch(ds, cfg, step, rank=0, world=1):
     return x, t, noise
 
 
-def optimizer_step(loss, opt, scaler, grad_clip):
-    """Backward, clip the global gradient norm, Adam step: train's (and segment's) update."""
+def optimizer_step(loss, opt, scaler, grad_clip, set_to_none=True):
+    """Backward, clip the global gradient norm, Adam step: train's (and segment's) update.
+    set_to_none=False keeps the gradients' memory: DDP's buckets (gradient_as_bucket_view)."""
     scaler.scale(loss).backward()  # DDP averages the gradients over the ranks here
     scaler.unscale_(opt)  # fp16: the true gradients, for clipping; otherwise a no-op
     # Deviation: the global gradient norm is clipped (cfg.grad_clip; the paper states none).
     nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], grad_clip)
     scaler.step(opt)  # fp16: skips the step if a gradient overflowed; otherwise opt.step()
     scaler.update()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=set_to_none)
 
 
 @torch.no_grad()
 def update_ema(ema_params, params, decay):
     """ema <- decay * ema + (1 - decay) * param, in place, for two lists of tensors (one kernel)."""
     torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def load_optimizer(opt, state):
+    """opt.load_state_dict(state) with opt's own fused choice set in state first: a CPU run's
+    (None) would leave Adam's step counts on the CPU beside CUDA moments, which fused refuses."""
+    for group in state["param_groups"]:
+        group["fused"] = opt.defaults["fused"]
+    opt.load_state_dict(state)
 
 
 def save_checkpoint(path, state):
@@ -615,7 +639,7 @@ def sampling_model(model, fast, device):
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
     if fast[2]:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if fast[1] else model
+    return torch.compile(model, dynamic=False) if fast[1] else model  # one shape: batches padded
 
 
 def train(cfg, out, explicit=()):
@@ -629,7 +653,9 @@ def train(cfg, out, explicit=()):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device()  # this rank's GPU
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        ids = dict(device_id=device) if device.type == "cuda" else {}  # NCCL bound to it now
+        # the timeout spans rank 0's checkpoint and grid, the first one with a compile
+        dist.init_process_group("nccl" if ids else "gloo", timeout=timedelta(minutes=30), **ids)
     log = print if rank == 0 else lambda *args, **kwargs: None  # rank 0 logs and saves
     out = Path(out)
     ckpt_path, csv = out / "ckpt.pt", out / "log.csv"
@@ -675,8 +701,7 @@ def train(cfg, out, explicit=()):
         if ckpt is not None:
             raw.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-            opt.param_groups[0]["fused"] = opt.defaults["fused"]  # this device's choice
+            load_optimizer(opt, ckpt["optimizer"])
             if "scaler" in ckpt and scaler.is_enabled():
                 scaler.load_state_dict(ckpt["scaler"])
             start, seconds = ckpt["step"], ckpt.get("seconds", 0.0)
@@ -719,7 +744,7 @@ def train(cfg, out, explicit=()):
             # line 5: a gradient step on ||eps - eps_theta(x_t, t)||^2, x_t from DDPM Eq. 4
             with autocast(amp, device):
                 loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
-            optimizer_step(loss, opt, scaler, cfg.grad_clip)
+            optimizer_step(loss, opt, scaler, cfg.grad_clip, set_to_none=world == 1)
             # Deviation: samples come from an EMA of the weights (DDPM's practice, not the
             # paper's), warmed up so that early grids forget the initialisation.
             update_ema(ema_params, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
@@ -771,6 +796,8 @@ def train(cfg, out, explicit=()):
                         pairs = generate(grid_model, diffusion, cfg, k, cfg.sample_n, g)[:2]
                     colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
                     data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
+                if world > 1:  # the other ranks wait here, not inside the next all-reduce
+                    dist.barrier()
                 clock = time.time()
             if row and rank == 0:
                 with open(csv, "a") as f:
@@ -1039,19 +1066,22 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction
 
 # ------------------------------------------------------------------------- bench: speed here
 
-# Dense peak TFLOP/s of the tensor cores, (bf16, tf32), matched in this order against the CUDA
-# device's name: NVIDIA's datasheets, the Ada whitepaper (RTX 4090), "with sparsity" halved;
-# V100 (SXM2) has no bf16 and no tf32: (fp16, fp32 CUDA cores).
-PEAK_TFLOPS = {"H100 NVL": (835, 418), "H100 PCIe": (756, 378), "H100": (989, 495)}
-PEAK_TFLOPS |= {"H200 NVL": (835, 418), "H200": (989, 495), "A100": (312, 156)}
-PEAK_TFLOPS |= {"L40S": (362, 183), "L40": (181, 90.5), "L4": (121, 60)}
-PEAK_TFLOPS |= {"RTX 4090": (165, 82.6), "V100": (125, 15.7)}
+# Dense peak TFLOP/s of the tensor cores, (bf16, tf32, SMs of the whole chip), matched in this
+# order against the CUDA device's name: NVIDIA's datasheets, the Ada whitepaper (RTX 4090),
+# "with sparsity" halved; the V100 has no bf16 and no tf32: (fp16, fp32 CUDA cores, SMs).
+PEAK_TFLOPS = {"H100 NVL": (835, 418, 132), "H100 PCIe": (756, 378, 114), "H100": (989, 495, 132)}
+PEAK_TFLOPS |= {"H200 NVL": (835, 418, 132), "H200": (989, 495, 132), "A100": (312, 156, 108)}
+PEAK_TFLOPS |= {"L40S": (362, 183, 142), "L40": (181, 90.5, 142), "L4": (121, 60, 58)}
+PEAK_TFLOPS |= {"RTX 4090": (165, 82.6, 128), "V100-PCIE": (112, 14, 80), "V100": (125, 15.7, 80)}
 BENCH_CONFIGS = {"paper": "paper", "small": "demo", "tiny": "tiny"}  # bench --config -> preset
 
 
-def peak_tflops(name):
-    """(bf16 or fp16 as speedups() picks, tf32) dense peak TFLOP/s of a device; None if unknown."""
-    return next((p for key, p in PEAK_TFLOPS.items() if key in name), (None, None))
+def peak_tflops(name, sms=None):
+    """(bf16 or fp16 as speedups() picks, tf32) dense peak TFLOP/s of the device called name
+    with sms SMs (a MIG slice has a share of them); (None, None) if unknown."""
+    half, tf32, chip = next((p for k, p in PEAK_TFLOPS.items() if k in name), (None, None, 1))
+    share = (sms or chip) / chip
+    return (half * share, tf32 * share) if half else (None, None)
 
 
 def timed(fn, repeats, device, warmup=True, inner=1):
@@ -1080,7 +1110,8 @@ def bench_step(cfg, fast, ds, diffusion):
     params, ema_params = list(raw.parameters()), [p.detach().clone() for p in raw.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda" or None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    model = torch.compile(raw) if compiled else raw
+    mode = compiled if isinstance(compiled, str) else None  # compiled: True or a mode
+    model = torch.compile(raw, mode=mode) if compiled else raw
 
     def step():
         with autocast(amp, device):
@@ -1101,7 +1132,8 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     cfg = replace(Config(), **PRESETS[BENCH_CONFIGS[config]])
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     load = round(os.getloadavg()[0], 1)  # other processes slow a CPU run, many times over
-    peak = peak_tflops(name) if cuda else (None, None)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else None
+    peak = peak_tflops(name, sms) if cuda else (None, None)
     res = dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
     res |= dict(config=config, image_size=cfg.image_size, batch_size=cfg.batch_size)
     res |= dict(repeats=repeats, load_average=load, peak_tflops=dict(bf16=peak[0], tf32=peak[1]))
@@ -1111,33 +1143,39 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     ds.images, ds.masks = ds.images.to(device), ds.masks.to(device)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     amp = speedups(cfg, device, {"amp"})[0]  # bf16, or fp16 before Ampere
-    res["train"], flops, dtype = {}, None, str(amp)[6:]
-    variants = [("eager fp32", (None, False, False)), (f"{dtype} autocast", (amp, False, False))]
-    variants.append((f"{dtype} + compile + channels_last", (amp, True, True)))
-    for label, fast in variants:
+    res["train"], flops, dtype, b = {}, None, str(amp)[6:], cfg.batch_size
+    variants = [
+        ("eager fp32", (None, False, False), b),
+        (f"{dtype} autocast", (amp, False, False), b),
+    ]
+    used = f"{dtype} + compile + channels_last"  # what train uses on CUDA, last: --profile's
+    if cuda:  # a larger batch, and inductor's autotuning without CUDA graphs
+        variants += [(f"{used}, batch 64", (amp, True, True), 64)]
+        variants += [(f"{used}, max-autotune", (amp, "max-autotune-no-cudagraphs", True), b)]
+    for label, fast, batch in variants + [(used, (amp, True, True), b)]:
         if not cuda and fast[0]:  # train uses none of them on a CPU unless asked
             res["train"][label] = dict(skipped="CUDA default only: a CPU trains in fp32 eager")
             print(f"  {label:<34}{'skipped':>14}  {res['train'][label]['skipped']}")
             continue
-        step = bench_step(cfg, fast, ds, diffusion)
-        if flops is None:  # the same for every variant: counted once, eager
+        step = bench_step(replace(cfg, batch_size=batch), fast, ds, diffusion)
+        if flops is None:  # per image, the same for every variant: counted once, eager
             with FlopCounterMode(display=False) as counter:
                 step()
-            flops = counter.get_total_flops()
+            flops = counter.get_total_flops() / b
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         inner = 5 if cuda else 1  # steps per timed call: a GPU step is short
         seconds = timed(step, repeats, device, inner=inner)
-        tflops = flops / seconds / 1e12
+        tflops = flops * batch / seconds / 1e12
         top = peak[0] if fast[0] else peak[1]  # fp32 runs on the TF32 tensor cores
         mfu = tflops / top if top else None
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-        row = dict(images_per_s=cfg.batch_size / seconds, step_s=seconds, tflops=tflops)
+        row = dict(images_per_s=batch / seconds, step_s=seconds, tflops=tflops, batch_size=batch)
         res["train"][label] = dict(row, mfu=mfu, peak_memory_gib=memory)
         note = f"{tflops:.3g} TFLOP/s, MFU {f'{mfu:.1%}' if mfu else 'n/a (peak unknown)'}"
         note += f", peak memory {memory:.1f} GiB" if cuda else ""
-        print(f"  {label:<34}{f'{cfg.batch_size / seconds:.1f} img/s':>14}  {note}", flush=True)
-    res["train_flops_per_step"] = flops
+        print(f"  {label:<34}{f'{batch / seconds:.1f} img/s':>14}  {note}", flush=True)
+    res["train_flops_per_step"] = flops * b
     if profile:  # three steps of the last variant, by their own time on the device (or host)
         kinds = [torch.profiler.ProfilerActivity.CPU]
         kinds += [torch.profiler.ProfilerActivity.CUDA] if cuda else []

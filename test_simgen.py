@@ -1830,8 +1830,8 @@ def test_force_never_touches_a_folder_sample_did_not_write(tiny_ckpt, tmp_path, 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, monkeypatch, capsys):
     real, calls = simgen.optimizer_step, []
 
-    def poisoned(loss, opt, *args):  # the third update leaves a NaN weight; its loss was finite
-        real(loss, opt, *args)
+    def poisoned(loss, opt, *args, **kwargs):  # the third update leaves a NaN weight
+        real(loss, opt, *args, **kwargs)
         calls.append(1)
         if len(calls) == 3:
             with torch.no_grad():
@@ -2430,3 +2430,72 @@ def test_progress_lines_at_least_every_10_s_leave_log_csv_alone(tmp_path, monkey
         "step",
         "4",
     ]
+
+
+# ------------------------------------------------------------------------------------------
+# The GPU path, II: what can be checked on a CPU
+
+
+def test_group_norm_equals_nn_group_norm_and_keeps_channels_last():
+    torch.manual_seed(0)
+    ours, ref = simgen.GroupNorm(8, 32), torch.nn.GroupNorm(8, 32)
+    for p in (*ours.parameters(), *ref.parameters()):
+        torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(1))
+    assert ours.state_dict().keys() == ref.state_dict().keys()  # checkpoints load either way
+    x = torch.randn(2, 32, 8, 8) * 3 + 1
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = ours(x.contiguous(memory_format=layout))
+        assert (y - ref(x)).abs().max() < 3e-6 and y.is_contiguous(memory_format=layout)
+    # the whole U-Net: an NHWC input gives an NHWC output and input gradient
+    model = simgen.ResUNet(TINY).to(memory_format=torch.channels_last)
+    torch.nn.init.normal_(model.out[-1].weight, std=0.1)
+    x = torch.randn(2, 6, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = model(x, torch.tensor([3, 30]))
+    out.square().sum().backward()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_cpu_runs_optimizer_state_follows_the_weights_to_another_device():
+    # A CPU run's Adam state (fused None) resumed where Adam is fused (CUDA; here the meta
+    # device): loaded as it is, its step counts stay on the CPU beside moments on the device.
+    cpu = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.Adam([cpu], lr=0.1)
+    cpu.grad = torch.randn(3)
+    opt.step()
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+    for load in ("plain", "simgen"):
+        p = torch.nn.Parameter(torch.randn(3, device="meta"))
+        there = torch.optim.Adam([p], lr=0.1, fused=True)
+        state = copy.deepcopy(saved)
+        there.load_state_dict(state) if load == "plain" else simgen.load_optimizer(there, state)
+        device = there.state[p]["step"].device.type
+        assert there.state[p]["exp_avg"].device.type == "meta"
+        assert device == ("cpu" if load == "plain" else "meta")  # the defect, and its mend
+
+
+def test_tf32_switch_and_strict_fp32_leave_every_getter_working():
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")  # train's TF32 switch on CUDA
+        torch.backends.cudnn.allow_tf32 = True
+        with metrics._strict_fp32():  # the FID features
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"  # inductor's autotuning reads it
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_peak_flops_scale_with_the_sms_of_a_mig_slice_and_know_the_v100_pcie():
+    full = simgen.peak_tflops("NVIDIA H100 80GB HBM3")
+    assert simgen.peak_tflops("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 60) == pytest.approx(
+        (full[0] * 60 / 132, full[1] * 60 / 132)
+    )
+    # Oracle: the V100 PCIe's 80 SMs x 1.38 GHz x 1024 fp16 FLOPs per SM per clock
+    assert simgen.peak_tflops("Tesla V100-PCIE-16GB")[0] == pytest.approx(
+        80 * 1.38 * 1024 / 1e3, rel=0.02
+    )
