@@ -492,12 +492,17 @@ def match_classes(classes, target, where, reference="the reference set"):
 
 
 def gather(roots, splits, test, fraction=1.0, generator=None):
-    """The pairs of several dataset folders as one training set for the PairedFolder test, in its
+    """The pairs of dataset folders (one split for all, or one each) as one training set for the
+    PairedFolder test, in its
     size and class ids (matched by mask value); `fraction` keeps a random subset of the first
     folder's pairs, drawn by generator. A folder that overlaps test's split is warned about.
     -> images uint8 (N, 3, S, S), masks uint8 (N, S, S), [dict(root, split, pairs, of)]"""
+    if len(splits) not in (1, len(roots)):
+        raise DataError(f"--train-split {','.join(splits)}: give one, or one per TRAIN folder")
     images, masks, used = [], [], []
-    for i, (root, split) in enumerate(zip(roots, splits)):
+    for i, (root, split) in enumerate(
+        zip(roots, splits * len(roots) if len(splits) == 1 else splits)
+    ):
         ds = PairedFolder(root, test.images.shape[-1], split)
         same = Path(str(root)).resolve() == Path(test.root).resolve()
         if same and (split == test.split or "all" in (split, test.split)):

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 import cfl
@@ -89,8 +90,7 @@ class Config:
         checks = [(n, getattr(self, n) >= 1, "must be >= 1") for n in positive.split()]
         levels = len(self.channel_mults)  # one downsampler each; linear: beta_T = 20 / T < 1
         checks += [
-            ("lr", self.lr > 0, "must be > 0"),
-            ("grad_clip", self.grad_clip > 0, "must be > 0"),
+            *[(n, getattr(self, n) > 0, "must be > 0") for n in ("lr", "grad_clip")],
             ("seed", self.seed >= 0, "must be >= 0"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
             ("sampler", self.sampler in SAMPLERS, f"use one of {', '.join(SAMPLERS)}"),
@@ -128,8 +128,7 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and checkpoint keys) that keeps its input's memory layout:
-    CUDA's group_norm makes NHWC input NCHW, and the copies back cost a sixth of a step."""
+    """nn.GroupNorm (same keys) keeping its input's layout: CUDA's makes NHWC NCHW (copies)."""
 
     def forward(self, x):  # (B, C, H, W) -> the same, in float32 as autocast runs group_norm
         b, c, h, w = x.shape
@@ -172,7 +171,6 @@ def level(c_in, c_out, t_dim):
 
 class ResUNet(nn.Module):
     """The denoiser eps_theta(x_t, t) of §3.3: 62.7M parameters at the paper's config.
-
     :param cfg: Config; base_channels * channel_mults give each level's width
     :param in_channels, out_channels: 6 and 6 for SimGen (image + CFL mask in, eps out)
     :param time_embedding: False builds the same net without t, e.g. as a segmentation network
@@ -244,17 +242,12 @@ def get_named_beta_schedule(name, T):
     return np.array([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)], dtype=np.float64)
 
 
-class Known(NamedTuple):
-    """The given half: x (B, C, H, W) where keep (bool) is True; RePaint's resample rounds."""
-
-    x: torch.Tensor
-    keep: torch.Tensor
-    resample: int = 1
+# Conditional sampling's given half: x (B, C, H, W) where keep (bool) is True; RePaint's rounds.
+Known = NamedTuple("Known", [("x", torch.Tensor), ("keep", torch.Tensor), ("resample", int)])
 
 
 class GaussianDiffusion:
     """The DDPM forward and reverse processes, named as in improved-diffusion.
-
     Timesteps: code t in {0..T-1} is the paper's t in {1..T}; t = 0 is the last denoising step.
     Schedules are computed in float64 and stored as float32 tensors (T,) indexed by t.
     The model is passed to each method: model(x_t (B, C, H, W), t (B,)) -> eps (B, C, H, W).
@@ -319,17 +312,9 @@ class GaussianDiffusion:
         x = self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
         return (x - pred_xstart) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
-    def _alpha_bar(self, t, x):
-        """alpha_bar_t broadcast against x, with alpha_bar = 1 at t = -1 (x_0, no noise)."""
-        a = self._extract(self.alphas_cumprod, t.clamp(min=0), x)
-        return a.where(t.view_as(a) >= 0, 1.0)
-
     def training_losses(self, model, x_start, t, noise=None):
         """DDPM Algorithm 1 / Eq. 14: ||eps - eps_theta(x_t, t)||^2, mean over 6 channels (§3.4).
-
-        :param x_start: (B, C, H, W) in [-1, 1]; t: (B,) long; noise: (B, C, H, W) or None
-        :return: dict loss: (B,) per-sample loss
-        """
+        x_start: (B, C, H, W) in [-1, 1]; t: (B,) long; noise: (B, C, H, W) -> dict loss: (B,)"""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)  # DDPM Eq. 4
         mse = (noise - model(x_t, t).float()).square().mean(dim=tuple(range(1, x_start.ndim)))
@@ -366,14 +351,16 @@ class GaussianDiffusion:
         return self.sample_loop(model, shape, "ddpm", generator=generator)
 
     def ddim_sample(self, model, x, t, t_prev, eta=0.0, generator=None):
-        """One DDIM step (Song et al. 2021, Eq. 12) from t to t_prev < t; t_prev = -1 gives x_0.
+        """One DDIM step (Song et al. 2021, Eq. 12) from t to t_prev < t; t_prev None gives x_0.
 
         Deviation: an extension, not in the paper (which samples with DDPM); with every step and
         eta = 1 it is DDPM Algorithm 2 again. eta = 0 draws no noise: deterministic given x_T.
         """
         out = self.p_mean_variance(model, x, t)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])  # of the clipped x_0
-        a_t, a_prev = self._extract(self.alphas_cumprod, t, x), self._alpha_bar(t_prev, x)
+        a_t, a_prev = self._extract(self.alphas_cumprod, t, x), torch.ones(())  # 1: at x_0
+        if t_prev is not None:
+            a_prev = self._extract(self.alphas_cumprod, t_prev, x)
         x_prev = out["pred_xstart"] * a_prev.sqrt()
         if eta == 0:
             return x_prev + (1 - a_prev).sqrt() * eps
@@ -383,18 +370,14 @@ class GaussianDiffusion:
 
     def dpm_solver_sample(self, model, x, t, t_prev, previous=None, noise=None):
         """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from t to t_prev < t (None:
-        to x_0, the last step).
-
-        Deviation: an extension, not in the paper. It integrates the probability-flow ODE in
-        its data-prediction form, x_t = (s_t / s_s) x_s + s_t * integral of e^lambda x_theta
-        d lambda, with lambda_t = log(a_t / s_t) (a_t = sqrt(alpha_bar_t), s_t = sqrt(1 -
-        alpha_bar_t)) from the discrete schedule. x_theta is the clipped x_0 of DDPM Eq. 4; it
-        is held linear in lambda between steps (second order), or constant (first order) at the
-        first step and the last, which lands on x_0.
-        With noise (B, C, H, W): SDE-DPM-Solver++(2M), the same multistep scheme for the reverse
-        SDE (Lu's SDE variant, diffusers' "sde-dpmsolver++"); its first-order step is DDPM's
-        posterior sample, x_t = (s_t / s_s) e^{-h} x_s + a_t (1 - e^{-2h}) x_theta
-        + s_t sqrt(1 - e^{-2h}) z. The noise corrects errors of the network that the ODE keeps.
+        to x_0, the last step). Deviation: an extension, not in the paper. It integrates the
+        probability-flow ODE in its data-prediction form, x_t = (s_t / s_s) x_s + s_t * integral
+        of e^lambda x_theta d lambda, lambda_t = log(a_t / s_t) (a_t = sqrt(alpha_bar_t), s_t =
+        sqrt(1 - alpha_bar_t)) on the discrete schedule; x_theta, the clipped x_0 of DDPM Eq. 4,
+        is linear in lambda between steps (second order), constant at the first and the last.
+        With noise (B, C, H, W): SDE-DPM-Solver++(2M), the same scheme for the reverse SDE (as
+        diffusers' "sde-dpmsolver++"); its first-order step is DDPM's posterior sample, and the
+        noise corrects errors of the network that the ODE keeps.
         :param previous: (x_theta, lambda) of the step before, or None
         :return: (x_{t_prev}, (x_theta, lambda) of this step for the next one)
         """
@@ -425,10 +408,8 @@ class GaussianDiffusion:
         """The descending timesteps a sampler visits: all T for ddpm; else about `steps` of them,
         evenly spaced in t (DDIM's "uniform" skip; ddim's default) or in lambda_t = log(a_t / s_t)
         (DPM-Solver's "logSNR" spacing; dpm++'s default), rounded to the nearest timestep.
-
         Note: dpm++ takes even lambda steps: with even t steps its last step, t ~ T/K to 0, spans
-        half the lambda range, where its extrapolation (r_i << 1) is least accurate.
-        """
+        half the lambda range, where its extrapolation (r_i << 1) is least accurate."""
         if sampler == "ddpm":
             return list(range(self.num_timesteps - 1, -1, -1))
         if (spacing or ("lambda" if sampler.startswith("dpm++") else "t")) == "t":
@@ -444,17 +425,16 @@ class GaussianDiffusion:
         """x_t ~ q(x_t | x_{t_prev}) = N(sqrt(a_t / a_prev) x_prev, (1 - a_t / a_prev) I): DDPM
         Eq. 4 between two noise levels; RePaint's step back up (Lugmayr et al. 2022, Alg. 1 l. 9).
         """
-        ratio = self._extract(self.alphas_cumprod, t, x_prev) / self._alpha_bar(t_prev, x_prev)
+        a = self.alphas_cumprod
+        ratio = self._extract(a, t, x_prev) / self._extract(a, t_prev, x_prev)
         noise = torch.randn(x_prev.shape, generator=generator, device=x_prev.device)
         return ratio.sqrt() * x_prev + (1 - ratio).sqrt() * noise
 
     @torch.no_grad()
     def sample_loop(self, model, shape, sampler="ddpm", steps=None, generator=None, known=None):
-        """x_T ~ N(0, I) -> x_0 (shape) in [-1, 1] with sampler "ddpm" (Algorithm 2), "ddim"
-        (eta = 0), "dpm++" (DPM-Solver++(2M)) or "dpm++sde" (its SDE form) on
-        sampling_timesteps(sampler, steps), or on `steps` itself when it is a list of descending
-        timesteps. Every draw comes from generator, on its device (the CPU if None).
-
+        """x_T ~ N(0, I) -> x_0 (shape) in [-1, 1] by "ddpm" (Algorithm 2), "ddim" (eta = 0),
+        "dpm++" (DPM-Solver++(2M)) or "dpm++sde" on sampling_timesteps(sampler, steps), or on
+        steps if it is a list of descending timesteps; every draw from generator, on its device.
         Deviation: conditional sampling with a Known, not in the paper (its stated limitation):
         RePaint (Lugmayr et al. 2022, Algorithm 1). Before each step the known channels are
         replaced by a fresh x_t ~ q(x_t | known.x) (its line 5), so the network denoises the
@@ -474,15 +454,15 @@ class GaussianDiffusion:
                 if known is not None:  # RePaint line 5: the known half at noise level t, DDPM Eq. 4
                     noise = torch.randn(x.shape, generator=generator, device=x.device)
                     x = torch.where(known.keep, self.q_sample(known.x, t, noise), x)
+                to = t_prev if i_prev >= 0 else None  # None: to x_0 (no host sync to learn it)
                 if sampler == "ddpm":
                     x_prev = self.p_sample(model, x, t, generator)["sample"]
                 elif sampler == "ddim":
-                    x_prev = self.ddim_sample(model, x, t, t_prev)
+                    x_prev = self.ddim_sample(model, x, t, to)
                 else:  # the SDE form draws noise at every step but the last, to x_0
                     noise = None
                     if sampler == "dpm++sde" and i_prev >= 0:
                         noise = torch.randn(x.shape, generator=generator, device=x.device)
-                    to = t_prev if i_prev >= 0 else None  # None: to x_0 (no host sync to learn it)
                     x_prev, state = self.dpm_solver_sample(model, x, t, to, history, noise)
                 if r + 1 < rounds and i_prev >= 0:  # RePaint line 9: back up to level t
                     x = self.q_resample(x_prev, t_prev, t, generator)
@@ -614,6 +594,7 @@ def pick_device(name=None):
         raise ValueError(f"--device {name}: CUDA is not available here")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the current device of everything that follows
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
     return device
 
 
@@ -632,11 +613,9 @@ def autocast(amp, device):  # autocast to amp (bf16, fp16) on the device; fp32 i
     return torch.autocast(device.type, amp or torch.float32, enabled=amp is not None)
 
 
-def sampling_model(model, fast, device):
+def sampling_model(model, fast):
     """The model as the samplers call it: channels_last and compiled when speedups() say so
     (default mode: a U-Net call on 16 pairs at 256² is 2.8 TFLOP, CUDA graphs would gain little)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
     if fast[2]:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model, dynamic=False) if fast[1] else model  # one shape: batches padded
@@ -722,7 +701,7 @@ def train(cfg, out, explicit=()):
             ids = [device.index] if device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, ids, gradient_as_bucket_view=True)
         model = torch.compile(model) if compiled else model
-        grid_model = sampling_model(ema, fast, device) if rank == 0 else None
+        grid_model = sampling_model(ema, fast) if rank == 0 else None
         how = [f"{str(amp)[6:]} autocast" if amp else "fp32", "compile" if compiled else "eager"]
         how += ["channels_last"] * channels_last + ["GradScaler: fp16"] * scaler.is_enabled()
         millions = sum(p.numel() for p in raw.parameters()) / 1e6
@@ -869,7 +848,7 @@ def sample(args):
     amp, *_ = fast = speedups(replace(cfg, **chosen), device, chosen)  # flags override the config
     model = ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
-    model = sampling_model(model.to(device), fast, device)
+    model = sampling_model(model.to(device), fast)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     if args.given is None:
         n = args.n or 16
@@ -1002,15 +981,12 @@ SEGMENT |= dict(steps=300, batch_size=16, lr=2e-3, seed=0)
 
 def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction=1.0, out=None):
     """Train a segmentation ResUNet on dataset folders; per-class and mean IoU on a real test split.
-
     :param roots, splits: training folders, real or generated, the first the real one; their
         splits, one or one each; fraction: a seeded fraction of the first one's pairs (Fig. 15)
     :param cfg: Config; image_size, base_channels, channel_mults, steps, batch_size, lr, seed
     :param out: folder for segment.pt ({model, config, classes, version}); never overwritten
     :return: dict for the JSON: train (folder, split, pairs used, of), test, classes with iou, ...
     """
-    if len(splits) not in (1, len(roots)):
-        raise ValueError(f"--train-split {','.join(splits)}: one, or one per TRAIN folder")
     if not 0 < fraction <= 1:
         raise ValueError(f"--real-fraction {fraction}: must be in (0, 1]")
     ckpt_path = Path(out) / "segment.pt" if out else None
@@ -1018,7 +994,6 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction
         raise data.DataError(f"{ckpt_path}: exists; choose another --out")
     device, start = pick_device(), time.time()
     test = data.PairedFolder(test_root, cfg.image_size, test_split)
-    splits = list(splits) * len(roots) if len(splits) == 1 else splits
     # the training pairs in the test set's class ids; the first folder's subset fixed by the seed
     subset = make_generator("cpu", SUBSET_STREAM, cfg.seed)
     images, masks, used = data.gather(roots, splits, test, fraction, subset)
@@ -1084,18 +1059,11 @@ def peak_tflops(name, sms=None):
     return (half * share, tf32 * share) if half else (None, None)
 
 
-def timed(fn, repeats, device, warmup=True, inner=1):
-    """Median seconds of fn() over repeats timings of inner calls, after an untimed one if warmup
-    (compilation, autotuning); on CUDA, the queued work is waited for."""
-    times, sync = [], torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(repeats + warmup):
-        sync()
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / inner)
-    return float(np.median(times[warmup:]))
+def timed(fn, repeats, warmup=True):
+    """Mean seconds of fn() over repeats calls, after an untimed one if warmup (compiling)."""
+    if warmup:
+        fn()
+    return torch.utils.benchmark.Timer("fn()", globals=dict(fn=fn)).timeit(repeats).mean
 
 
 def bench_step(cfg, fast, ds, diffusion):
@@ -1124,39 +1092,34 @@ def bench_step(cfg, fast, ds, diffusion):
 
 def bench(config=None, repeats=None, json_path=None, profile=False):
     """What a user sizes a GPU job by -> dict: train's step (paper config; demo on a CPU) in fp32,
-    autocast, autocast + compile + channels_last (img/s, MFU: counted FLOPs per second over the
-    peak, peak memory); seconds for 16 pairs per sampler; profile: the last variant's top 10."""
+    and on CUDA as train runs it, also at batch 64 and autotuned (img/s, MFU: counted FLOPs per
+    second over the peak, peak memory); seconds for 16 pairs per sampler; profile: the last."""
     started, device = time.time(), pick_device()
     cuda = device.type == "cuda"
     config, repeats = config or ("paper" if cuda else "small"), repeats or (10 if cuda else 3)
     cfg = replace(Config(), **PRESETS[BENCH_CONFIGS[config]])
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    load = round(os.getloadavg()[0], 1)  # other processes slow a CPU run, many times over
+    load = round(os.getloadavg()[0], 1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else None
     peak = peak_tflops(name, sms) if cuda else (None, None)
     res = dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
     res |= dict(config=config, image_size=cfg.image_size, batch_size=cfg.batch_size)
     res |= dict(repeats=repeats, load_average=load, peak_tflops=dict(bf16=peak[0], tf32=peak[1]))
     size = f"{cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}"
-    print(f"bench on {name}, torch {torch.__version__}: {config} config ({size}), load {load}")
+    print(f"bench on {name}, torch {torch.__version__}: {config} ({size}), mean of {repeats}")
+    print(f"load average {load}: other processes slow a CPU run")
     ds = data.PairedFolder("synthetic", cfg.image_size, "train")
     ds.images, ds.masks = ds.images.to(device), ds.masks.to(device)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     amp = speedups(cfg, device, {"amp"})[0]  # bf16, or fp16 before Ampere
-    res["train"], flops, dtype, b = {}, None, str(amp)[6:], cfg.batch_size
-    variants = [
-        ("eager fp32", (None, False, False), b),
-        (f"{dtype} autocast", (amp, False, False), b),
-    ]
-    used = f"{dtype} + compile + channels_last"  # what train uses on CUDA, last: --profile's
-    if cuda:  # a larger batch, and inductor's autotuning without CUDA graphs
+    res["train"], flops, b = {}, None, cfg.batch_size
+    variants = [("eager fp32", (None, False, False), b)]  # what a CPU trains with
+    used = f"{str(amp)[6:]} + compile + channels_last"  # what train uses on CUDA: last, profiled
+    if cuda:  # and with a larger batch, or inductor's autotuning without CUDA graphs
         variants += [(f"{used}, batch 64", (amp, True, True), 64)]
         variants += [(f"{used}, max-autotune", (amp, "max-autotune-no-cudagraphs", True), b)]
-    for label, fast, batch in variants + [(used, (amp, True, True), b)]:
-        if not cuda and fast[0]:  # train uses none of them on a CPU unless asked
-            res["train"][label] = dict(skipped="CUDA default only: a CPU trains in fp32 eager")
-            print(f"  {label:<34}{'skipped':>14}  {res['train'][label]['skipped']}")
-            continue
+        variants += [(used, (amp, True, True), b)]
+    for label, fast, batch in variants:
         step = bench_step(replace(cfg, batch_size=batch), fast, ds, diffusion)
         if flops is None:  # per image, the same for every variant: counted once, eager
             with FlopCounterMode(display=False) as counter:
@@ -1164,8 +1127,8 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
             flops = counter.get_total_flops() / b
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        inner = 5 if cuda else 1  # steps per timed call: a GPU step is short
-        seconds = timed(step, repeats, device, inner=inner)
+        inner = 5 if cuda else 1  # a GPU step is short: more of them
+        seconds = timed(step, repeats * inner)
         tflops = flops * batch / seconds / 1e12
         top = peak[0] if fast[0] else peak[1]  # fp32 runs on the TF32 tensor cores
         mfu = tflops / top if top else None
@@ -1180,7 +1143,7 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
         kinds = [torch.profiler.ProfilerActivity.CPU]
         kinds += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
         with torch.profiler.profile(activities=kinds) as prof:
-            timed(step, 3, device, warmup=False)
+            timed(step, 3, warmup=False)
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         res["profile"] = prof.key_averages().table(sort_by=sort, row_limit=10)
         print(f"profile: three training steps, top 10 by self time\n{res['profile']}")
@@ -1188,7 +1151,7 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     print("sampling 16 pairs", flush=True)
     torch.manual_seed(0)
     amp, *_ = fast = speedups(cfg, device)  # what sample uses here
-    net = sampling_model(ResUNet(cfg).to(device).eval(), fast, device)
+    net = sampling_model(ResUNet(cfg).to(device).eval(), fast)
 
     def draw(sampler, steps):
         how = replace(cfg, sampler=sampler, sampler_steps=steps)
@@ -1201,7 +1164,7 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     timings = [("ddpm", cfg.timesteps), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)]
     for sampler, steps in timings + [("dpm++sde", 20)]:
         steps = min(steps, cfg.timesteps)
-        seconds = timed(partial(draw, sampler, steps), repeats, device, warmup=False)
+        seconds = timed(partial(draw, sampler, steps), repeats, warmup=False)
         res["sample"][f"{sampler}_{steps}_s"] = seconds
         print(f"  {f'{sampler}, {steps} steps':<34}{f'{seconds:.2f} s':>14}", flush=True)
     res["total_s"] = time.time() - started

@@ -1071,7 +1071,7 @@ def test_unclipped_mean_is_eq_11_and_ddim_T_steps_eta_1_is_ddpm():
     g = torch.Generator().manual_seed(3)  # DDIM with every step and eta = 1, same draws as DDPM
     ddim = torch.randn(shape, generator=g)
     for i in reversed(range(TINY.timesteps)):
-        t, t_prev = torch.full((2,), i), torch.full((2,), i - 1)
+        t, t_prev = torch.full((2,), i), torch.full((2,), i - 1) if i else None  # None: to x_0
         ddim = d.ddim_sample(model, ddim, t, t_prev, eta=1.0, generator=g)
     torch.testing.assert_close(ddim, ddpm, rtol=1e-3, atol=1e-3)
     assert ddpm.abs().max() <= 1.1  # x_0 clipped to [-1, 1]; the last step adds no noise
@@ -1682,7 +1682,7 @@ def test_diffusion_to_moves_every_buffer_and_cpu_sampling_is_eager():
     model = simgen.ResUNet(TINY)
     cpu = torch.device("cpu")
     # no compile on a CPU
-    assert simgen.sampling_model(model, simgen.speedups(TINY, cpu), cpu) is model
+    assert simgen.sampling_model(model, simgen.speedups(TINY, cpu)) is model
 
 
 @pytest.mark.parametrize(
@@ -1743,13 +1743,11 @@ def test_bench_writes_every_number(tmp_path, capsys):
         "total_s",
     } <= set(res)
     assert res["torch"] == torch.__version__ and res["config"] == "tiny" and res["repeats"] == 1
-    measured = {k: v for k, v in res["train"].items() if "skipped" not in v}
-    assert "eager fp32" in measured and len(res["train"]) == 3
-    if not torch.cuda.is_available():  # bf16 and compile are CUDA paths: skipped, with the reason
-        assert len(measured) == 1 and all(
-            v["skipped"] for k, v in res["train"].items() if k not in measured
-        )
-    for v in measured.values():
+    rows = res[
+        "train"
+    ]  # on a CPU what it trains with; on CUDA also train's way, batch 64, autotuned
+    assert list(rows)[0] == "eager fp32" and len(rows) == (4 if torch.cuda.is_available() else 1)
+    for v in rows.values():
         assert v["images_per_s"] > 0 and v["step_s"] > 0 and v["tflops"] > 0
     assert res["train_flops_per_step"] > 0
     assert set(res["sample"]) == {
@@ -1767,7 +1765,6 @@ def test_bench_writes_every_number(tmp_path, capsys):
         and "dpm++, 10 steps" in out
         and "MFU" in out
     )
-    assert ("skipped" in out) == (len(measured) < 3)
 
 
 # ------------------------------------------------------------------------------------------
