@@ -182,6 +182,11 @@ def _classes_json(path):
     return dict(zip(spec, codes)), grey
 
 
+def _code(value):
+    """A class's value, grey level or [r, g, b] -> its code (see GREY)."""
+    return value * GREY if isinstance(value, int) else value[0] << 16 | value[1] << 8 | value[2]
+
+
 def _value(code, grey):
     """Value code -> the dataset's own value: a grey level or [r, g, b]."""
     return code // GREY if grey else [code >> 16, code >> 8 & 255, code & 255]
@@ -424,42 +429,86 @@ def mask_to_values(mask_ids, classes):
     return table[mask_ids.cpu().numpy() if torch.is_tensor(mask_ids) else np.asarray(mask_ids)]
 
 
-def connected_boxes(mask):
-    """Bounding boxes of the 4-connected regions of each class: the paper's "coordinate extraction".
+def regions(mask):
+    """The 4-connected regions of each class of a mask: the paper's "coordinate extraction".
 
     :param mask: (H, W) class ids, tensor or numpy
-    :return: {class id: [[x0, y0, x1, y1], ...]}, inclusive pixel coordinates, regions in raster
-        order
+    :return: labels int64 (H, W), each pixel's region named by the index of its first pixel in
+        raster order, and those first pixels, sorted
     """
     m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
     h, w = m.shape
-    # each pixel starts as its own region, named by its index
-    label = np.arange(h * w).reshape(h, w)
-    same_v, same_h = m[1:] == m[:-1], m[:, 1:] == m[:, :-1]
+    begins = np.ones((h, w), bool)  # a run of one class along a row begins at each change
+    begins[:, 1:] = m[:, 1:] != m[:, :-1]
+    run = np.cumsum(begins.ravel()).reshape(h, w) - 1  # each pixel's run
+    first = np.flatnonzero(begins)  # each run's first pixel, in raster order
+    same = m[1:] == m[:-1]  # runs with pixels of one class above each other are one region
+    pairs = np.unique(run[1:][same] * len(first) + run[:-1][same])
+    below, above = np.divmod(pairs, len(first))
+    label = np.arange(len(first))
     while True:
-        # Each pixel takes the smallest label among itself and its same-class 4-neighbours ...
+        # each run takes the smallest label of itself and the runs it touches ...
         new = label.copy()
-        np.minimum(new[1:], np.where(same_v, label[:-1], new[1:]), out=new[1:])
-        np.minimum(new[:-1], np.where(same_v, label[1:], new[:-1]), out=new[:-1])
-        np.minimum(new[:, 1:], np.where(same_h, label[:, :-1], new[:, 1:]), out=new[:, 1:])
-        np.minimum(new[:, :-1], np.where(same_h, label[:, 1:], new[:, :-1]), out=new[:, :-1])
-        new = new.ravel()[new]  # ... then jumps to its label's label, which halves long chains
+        np.minimum.at(new, below, label[above])
+        np.minimum.at(new, above, label[below])
+        new = new[new]  # ... then its label's label, which halves long chains
         if np.array_equal(new, label):
-            break
+            return first[label][run], np.unique(first[label])  # named by their first pixel
         label = new
-    # root = the region's first pixel
-    roots, inverse = np.unique(label.ravel(), return_inverse=True)
-    ys, xs = np.divmod(np.arange(h * w), w)
-    # min x, min y, max x, max y per region
-    box = np.tile(np.array([w, h, -1, -1]), (len(roots), 1))
-    for col, (reduce, coord) in enumerate(
-        [(np.minimum, xs), (np.minimum, ys), (np.maximum, xs), (np.maximum, ys)]
-    ):
-        reduce.at(box[:, col], inverse, coord)
-    out = {}
-    for root, b in zip(roots, box.tolist()):
-        out.setdefault(int(m.flat[root]), []).append(b)
-    return dict(sorted(out.items()))
+
+
+def coco(masks, files, classes, background="background"):
+    """COCO's instances format for masks of class ids, which detectron2, mmdetection and the
+    YOLO converters read: images, categories and one annotation per 4-connected region of a
+    class, with its bbox [x, y, w, h], area in pixels, iscrowd 0 and its segmentation as
+    uncompressed RLE (column-major run lengths, the first of 0s: {"counts", "size": [H, W]}).
+
+    :param masks: (H, W) class ids each, tensors or arrays; files: their images' file names
+    :param classes: [{"id", "name", "value"}]; category ids are class ids + 1 (COCO's from 1)
+    :param background: the name of a class left out, as detection datasets do ("" keeps all)
+    :return: the dict to json.dump
+    """
+    kept = [c for c in classes if c["name"] != background]
+    categories = [dict(id=c["id"] + 1, name=c["name"], value=c["value"]) for c in kept]
+    out = dict(images=[], categories=categories, annotations=[])
+    ids = {c["id"] for c in kept}
+    for image_id, (mask, file) in enumerate(zip(masks, files), 1):
+        m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+        h, w = m.shape
+        out["images"].append(dict(id=image_id, file_name=file, width=w, height=h))
+        label, firsts = regions(m)
+        column_major = label.T.ravel()
+        for first in firsts:
+            if int(m.flat[first]) not in ids:
+                continue
+            inside = column_major == first
+            ends = np.flatnonzero(np.diff(inside, prepend=False, append=False))  # run bounds
+            counts = np.diff(ends, prepend=0).tolist() + [int(inside.size - ends[-1])]
+            counts = counts[:-1] if counts[-1] == 0 else counts  # no empty run at the end
+            xs, ys = np.divmod(np.flatnonzero(inside), h)  # column-major: x = index // H
+            box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1)]
+            box.append(int(ys.max() - ys.min() + 1))
+            rle = dict(counts=counts, size=[h, w])
+            ann = dict(image_id=image_id, category_id=int(m.flat[first]) + 1, bbox=box)
+            ann |= dict(area=int(inside.sum()), iscrowd=0, segmentation=rle)
+            out["annotations"].append(dict(id=len(out["annotations"]) + 1, **ann))
+    return out
+
+
+def write_coco(root, path, background="background"):
+    """COCO annotations (coco()) of a dataset folder's masks at their files' own size, into path
+    (never over an existing file), so that real and generated sets are read alike."""
+    if Path(path).exists():
+        raise DataError(f"{path}: exists; choose another path")
+    classes = PairedFolder(root, 8, "all").classes  # the class ids of the mask values
+    ids = {_code(c["value"]): c["id"] for c in classes}
+    masks, files = [], []
+    for _, image, mask in _pairs(Path(root)):
+        codes = _mask_codes(_open(mask), mask)
+        found, where = np.unique(codes, return_inverse=True)
+        masks.append(np.array([ids[c] for c in found.tolist()])[where.reshape(codes.shape)])
+        files.append(f"images/{image.name}")
+    write_json(Path(path), coco(masks, files, classes, background))
 
 
 def match_classes(classes, target, where, reference="the reference set"):
@@ -631,7 +680,7 @@ def _remove_sample(folder, files):
 @contextlib.contextmanager
 def new_sample(out, stems, classes, force):
     """-> a folder to write a sample of pairs named by stems into (write_pairs, grid.png,
-    boxes.json; classes.json is written here), which replaces out when the block ends without
+    annotations.json; classes.json is written here), which replaces out when the block ends without
     an error.
 
     out must be absent, empty, or hold an earlier sample (every file listed in the manifest that
@@ -642,7 +691,7 @@ def new_sample(out, stems, classes, force):
     """
     _sample_files(out, force)
     files = [f"{sub}/{stem}.png" for sub in SAMPLE_FOLDERS for stem in stems]
-    files += ["grid.png", "boxes.json", "classes.json"]
+    files += ["grid.png", "annotations.json", "classes.json"]
     partial, old = (out.parent / f".{out.name}.simgen-{k}" for k in ("partial", "old"))
     for folder in (partial, old):  # a killed sample's: its own files only
         if folder.is_dir():
@@ -675,14 +724,17 @@ def write_file(path, write):
         raise DataError(f"{path}: not written ({e.strerror or e})") from None
 
 
+def write_json(path, obj):
+    """obj as JSON in path, as write_file writes."""
+    write_file(path, lambda p: p.write_text(json.dumps(obj)))
+
+
 def write_pairs(out, stems, pairs, classes):
     """Write pairs into new_sample's folder, as lossless PNG: images/<stem>.png,
     masks/<stem>.png in the dataset's own values (a drop-in dataset) and masks_color/<stem>.png.
 
     :param pairs: images uint8 (B, 3, S, S), masks (B, S, S) class ids, colours uint8 (B, S, S, 3)
-    :return: {stem: {class name: [[x0, y0, x1, y1], ...]}}, the regions' boxes (connected_boxes)
     """
-    boxes, names = {}, [c["name"] for c in classes]
     for stem, image, mask, colour in zip(stems, *pairs):
         values = mask_to_values(mask, classes)
         for sub, a in (
@@ -691,8 +743,6 @@ def write_pairs(out, stems, pairs, classes):
             ("masks_color", colour),
         ):
             write_file(out / sub / f"{stem}.png", Image.fromarray(np.asarray(a)).save)
-        boxes[stem] = {names[c]: b for c, b in connected_boxes(mask).items()}
-    return boxes
 
 
 def grid(images, colours):

@@ -823,8 +823,8 @@ def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
 def sample(args):
     """The sample command (args: its flags): pairs from a checkpoint's EMA weights in args.out:
     images/, masks/ (the dataset's own values) and classes.json, which data.PairedFolder reads
-    back with the training's class ids; masks_color/, grid.png and boxes.json (the paper's
-    "coordinate extraction"). args.given: each pair of args.data's split keeps that half."""
+    back with the training's class ids; masks_color/, grid.png and annotations.json (COCO: the
+    paper's "coordinate extraction"). args.given: each pair of args.data's split keeps that half."""
     for name, least in (("n", 1), ("batch_size", 1), ("steps", 1), ("seed", 0), ("resample", 1)):
         value = getattr(args, name)
         if value is not None and value < least:
@@ -862,7 +862,7 @@ def sample(args):
         # the image's 3 channels are known and the mask's code generated, or the other way
         keep = ((torch.arange(6) < 3) == (args.given == "images")).view(1, 6, 1, 1).to(device)
 
-    b, written, boxes, started = min(args.batch_size, n), [], {}, time.time()
+    b, written, started = min(args.batch_size, n), [], time.time()
     # Written beside out and swapped in when complete: an earlier sample stays whole until then.
     lock = data.folder_lock(out, beside=True)
     with lock, data.new_sample(out, stems, classes, args.force) as folder:
@@ -883,14 +883,15 @@ def sample(args):
             images, masks, unsure = (v[:m] for v in pairs)  # the first m of b
             colours = cfl.colorize(masks, k, cfg.mask_scheme)
             names = stems[first : first + m]
-            boxes |= data.write_pairs(folder, names, (images, masks, colours), classes)
+            data.write_pairs(folder, names, (images, masks, colours), classes)
             if i == 0:  # the overview: up to 16 pairs of the first batch
                 data.write_file(folder / "grid.png", data.grid(images[:16], colours[:16]).save)
             written.append((images, masks, unsure))
             print(f"{first + m}/{n} pairs, {time.time() - started:.0f}s", flush=True)
-        data.write_file(folder / "boxes.json", partial(Path.write_text, data=json.dumps(boxes)))
-    images, masks, unsure = (torch.cat(v) for v in zip(*written))
-    print(f"{out}: {n} pairs (images/, masks/, masks_color/, grid.png, boxes.json)")
+        images, masks, unsure = (torch.cat(v) for v in zip(*written))
+        coco = data.coco(masks, [f"images/{s}.png" for s in stems], classes, args.background)
+        data.write_json(folder / "annotations.json", coco)  # each class's regions, COCO's way
+    print(f"{out}: {n} pairs (images/, masks/, masks_color/, grid.png, annotations.json)")
     radius = cfl.min_distance(k, cfg.mask_scheme) / 2  # half the smallest distance of two codes
     print(f"{unsure.float().mean():.2%} of mask pixels ambiguous (> {radius:.3f} from all codes)")
     if args.given == "images":  # image -> mask is segmentation: scored against the truth
@@ -910,11 +911,9 @@ def sample(args):
 
 def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_size=50, device=None):
     """FID, KID, sFID and sKID (§3.5, metrics.py) of the FAKE pairs against the REAL ones.
-
     :param real, fake: dataset folders or "synthetic"; fake is usually what `sample` wrote
     :param size: S for both; None = fake's own (256 if sizes differ); device: None = the GPU
-    :return: metrics.distances' dict (per_class rows get name and value) plus the sets, splits, S
-    """
+    :return: metrics.distances' dict (per_class rows get name and value), the sets, splits, S"""
     for flag, value in (("--image-size", size), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
@@ -1219,6 +1218,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--force", action="store_true", help="replace an earlier sample in --out")
+    p.add_argument("--background", default="background", help="class left out of annotations")
     for name in SPEED_FIELDS:  # default: the checkpoint's config, on CUDA only
         p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction)
 

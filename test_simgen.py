@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1271,10 +1272,9 @@ def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_pa
     g = simgen.make_generator("cpu", simgen.SAMPLE_STREAM, 1, 0)
     images, masks, _ = simgen.generate(model, simgen.GaussianDiffusion(50), how, 5, 3, g)
     assert torch.equal(back.images[:3], images) and torch.equal(back.masks[:3].long(), masks)
-    boxes = json.loads((out / "boxes.json").read_text())
-    assert sorted(boxes) == ["00000", "00001", "00002", "00003", "00004"]
-    names = [c["name"] for c in ckpt["classes"]]
-    assert boxes["00000"] == {names[c]: b for c, b in data.connected_boxes(masks[0]).items()}
+    # COCO's annotations, read by pycocotools: every region of every class of the masks on disk
+    masks = {f"images/{s}.png": m for s, m in zip(back.stems, back.masks.numpy())}
+    check_coco(out / "annotations.json", masks, ckpt["classes"], background="")
     assert len(list((out / "masks_color").glob("*.png"))) == 5 and (out / "grid.png").exists()
 
 
@@ -1311,25 +1311,82 @@ def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys):
         assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
 
 
-def test_connected_boxes_on_a_hand_made_mask():
+def check_coco(path, masks, classes, background):
+    """Oracle: pycocotools reads the file; each annotation's mask (annToMask) is one 4-connected
+    region of its class (scipy.ndimage.label, cross-shaped structure) and every region has one;
+    boxes are the regions' extents, areas their pixel counts; the background is left out."""
+    from pycocotools.coco import COCO
+    from scipy import ndimage
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools' numpy 2 warnings
+    api = COCO(str(path))
+    kept = [c for c in classes if c["name"] != background]
+    assert [(c["id"], c["name"]) for c in api.dataset["categories"]] == [
+        (c["id"] + 1, c["name"]) for c in kept
+    ]
+    assert sorted(i["file_name"] for i in api.dataset["images"]) == sorted(masks)
+    for image in api.dataset["images"]:
+        m = masks[image["file_name"]]
+        assert (image["height"], image["width"]) == m.shape
+        expected = []
+        for c in kept:
+            labels, n = ndimage.label(m == c["id"])
+            expected += [(c["id"], (labels == r).tobytes()) for r in range(1, n + 1)]
+        anns = api.loadAnns(api.getAnnIds(imgIds=image["id"]))
+        got = [(a["category_id"] - 1, api.annToMask(a).astype(bool).tobytes()) for a in anns]
+        assert sorted(got) == sorted(expected)
+        for a in anns:
+            ys, xs = np.nonzero(api.annToMask(a))
+            assert a["bbox"] == [
+                xs.min(),
+                ys.min(),
+                xs.max() - xs.min() + 1,
+                ys.max() - ys.min() + 1,
+            ]
+            assert a["area"] == len(xs) and a["iscrowd"] == 0
+
+
+def test_coco_annotations_of_a_hand_made_mask(tmp_path):
     m = np.zeros((6, 8), np.int64)
-    m[0:2, 0:2] = 1  # a square
+    m[0:2, 0:2] = 1  # a square on the border
     m[2, 2] = 1  # touches the square only diagonally: a region of its own under 4-connectivity
     m[4:6, 1:7] = 2  # an L shape with a vertical arm
     m[3, 6] = 2
-    m[0:3, 5:8] = (
-        1  # a second class-1 region, which also cuts off the background's corner x = 7, y = 3..5
-    )
-    boxes = data.connected_boxes(torch.from_numpy(m))
-    assert boxes == {
-        0: [[0, 0, 5, 5], [7, 3, 7, 5]],
-        1: [[0, 0, 1, 1], [5, 0, 7, 2], [2, 2, 2, 2]],
-        2: [[1, 3, 6, 5]],
-    }
+    m[0:3, 5:8] = 1  # a second class-1 region, which cuts off the background's corner x = 7
+    ring = np.full((7, 7), 1, np.int64)  # a region with a hole: the hole is a region of class 0
+    ring[2:5, 2:5] = 0
     spiral = np.ones((9, 9), np.int64)  # one long snake-shaped region: labels must travel far
     spiral[1:8:2, 1:8] = 0
     spiral[1:8:4, 8], spiral[3:8:4, 0] = 0, 0
-    assert len(data.connected_boxes(spiral)[1]) == 1
+    empty = np.zeros((5, 4), np.int64)  # only background: no annotations, not an error
+    classes = [dict(id=i, name=n, value=i) for i, n in enumerate(["background", "tool", "organ"])]
+    masks = {"a.png": m, "ring.png": ring, "spiral.png": spiral, "empty.png": empty}
+    for background in ("background", ""):
+        path = tmp_path / f"{background or 'all'}.json"
+        path.write_text(json.dumps(data.coco(masks.values(), masks, classes, background)))
+        check_coco(path, masks, classes, background)
+    coco = data.coco([m], ["a.png"], classes)
+    # the hand-made answer for the first mask: [x, y, w, h] and pixel counts, in raster order
+    assert [(a["category_id"], a["bbox"], a["area"]) for a in coco["annotations"]] == [
+        (2, [0, 0, 2, 2], 4),
+        (2, [5, 0, 3, 3], 9),
+        (2, [2, 2, 1, 1], 1),
+        (3, [1, 3, 6, 3], 13),
+    ]
+    assert data.coco([empty], ["empty.png"], classes)["annotations"] == []
+
+
+def test_write_coco_annotates_a_real_dataset_at_its_own_size(tmp_path):
+    root = make_squares(tmp_path / "real", 4, 24, seed=0)  # background 0 and a square of 255
+    data.write_coco(root, tmp_path / "annotations.json")
+    masks = {
+        f"images/{p.name}": (np.array(Image.open(p)) == 255).astype(np.int64)
+        for p in sorted((root / "masks").iterdir())
+    }
+    classes = data.PairedFolder(root, 8, "all").classes
+    check_coco(tmp_path / "annotations.json", masks, classes, background="background")
+    with pytest.raises(DataError, match="exists; choose another path"):
+        data.write_coco(root, tmp_path / "annotations.json")
 
 
 # ------------------------------------------------------------------------------------------
@@ -2122,7 +2179,8 @@ def test_given_half_comes_out_exactly_as_given(tiny_ckpt, tmp_path, capsys):
             aligned = data.alignment_score(back.images, back.masks)
             assert f"mask -> image alignment {aligned:.3f}" in out_text
         assert (
-            len(json.loads((out / "boxes.json").read_text())) == 5 and (out / "grid.png").exists()
+            len(json.loads((out / "annotations.json").read_text())["images"]) == 5
+            and (out / "grid.png").exists()
         )
 
 
