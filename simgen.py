@@ -131,6 +131,8 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same keys) keeping its input's layout: CUDA's makes NHWC NCHW (copies)."""
 
     def forward(self, x):  # (B, C, H, W) -> the same, in float32 as autocast runs group_norm
+        if x.is_contiguous():  # NCHW: the native kernel, twice as fast on a CPU
+            return super().forward(x)
         b, c, h, w = x.shape
         g = x.float().view(b, self.num_groups, c // self.num_groups, h, w)  # views NHWC too
         var, mean = torch.var_mean(g, dim=(2, 3, 4), correction=0, keepdim=True)
@@ -1104,9 +1106,7 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
     res = dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
     res |= dict(config=config, image_size=cfg.image_size, batch_size=cfg.batch_size)
     res |= dict(repeats=repeats, load_average=load, peak_tflops=dict(bf16=peak[0], tf32=peak[1]))
-    size = f"{cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}"
-    print(f"bench on {name}, torch {torch.__version__}: {config} ({size}), mean of {repeats}")
-    print(f"load average {load}: other processes slow a CPU run")
+    print(f"bench on {name}, torch {torch.__version__}: {config}, mean of {repeats}; load {load}")
     ds = data.PairedFolder("synthetic", cfg.image_size, "train")
     ds.images, ds.masks = ds.images.to(device), ds.masks.to(device)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
