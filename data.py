@@ -187,6 +187,13 @@ def _code(value):
     return value * GREY if isinstance(value, int) else value[0] << 16 | value[1] << 8 | value[2]
 
 
+def _class_list(named, grey):
+    """{name: value code} in id order -> the classes list [{"id", "name", "value"}]."""
+    return [
+        {"id": i, "name": n, "value": _value(c, grey)} for i, (n, c) in enumerate(named.items())
+    ]
+
+
 def _value(code, grey):
     """Value code -> the dataset's own value: a grey level or [r, g, b]."""
     return code // GREY if grey else [code >> 16, code >> 8 & 255, code & 255]
@@ -226,9 +233,7 @@ def _decode_folder(root, pairs, size):
             )
         # file's index -> class id
         masks.append(np.array([index[c] for c in codes.tolist()], np.uint8)[local])
-    classes = [
-        {"id": i, "name": n, "value": _value(c, grey)} for i, (n, c) in enumerate(named.items())
-    ]
+    classes = _class_list(named, grey)
     return _pack([image for image, _, _ in out], masks, [s for s, _, _ in pairs], classes)
 
 
@@ -529,9 +534,8 @@ def match_classes(classes, target, where, reference="the reference set"):
         )
     # Same value, other name: maybe another dataset's classes (synthetic tissue as background).
     pairs = [(c, same[rgb(c["value"])]) for c in classes]
-    renamed = [
-        f"{c['name']} as {t['name']} ({c['value']})" for c, t in pairs if c["name"] != t["name"]
-    ]
+    pairs = [(c, t) for c, t in pairs if c["name"] != t["name"]]
+    renamed = [f"{c['name']} as {t['name']} ({c['value']})" for c, t in pairs]
     if renamed:
         print(
             f"warning: {where}: classes matched by mask value but named differently: "
@@ -549,9 +553,8 @@ def gather(roots, splits, test, fraction=1.0, generator=None):
     if len(splits) not in (1, len(roots)):
         raise DataError(f"--train-split {','.join(splits)}: give one, or one per TRAIN folder")
     images, masks, used = [], [], []
-    for i, (root, split) in enumerate(
-        zip(roots, splits * len(roots) if len(splits) == 1 else splits)
-    ):
+    splits = list(splits) * len(roots) if len(splits) == 1 else splits
+    for i, (root, split) in enumerate(zip(roots, splits)):
         ds = PairedFolder(root, test.images.shape[-1], split)
         same = Path(str(root)).resolve() == Path(test.root).resolve()
         if same and (split == test.split or "all" in (split, test.split)):
@@ -574,9 +577,7 @@ def declared_classes(root):
     named, grey = _classes_json(Path(str(root)) / "classes.json")
     if named is None or synthetic_classes(root) is not None:
         return None
-    return [
-        {"id": i, "name": n, "value": _value(c, grey)} for i, (n, c) in enumerate(named.items())
-    ]
+    return _class_list(named, grey)
 
 
 def folder_image_size(root):
@@ -736,12 +737,8 @@ def write_pairs(out, stems, pairs, classes):
     :param pairs: images uint8 (B, 3, S, S), masks (B, S, S) class ids, colours uint8 (B, S, S, 3)
     """
     for stem, image, mask, colour in zip(stems, *pairs):
-        values = mask_to_values(mask, classes)
-        for sub, a in (
-            ("images", image.permute(1, 2, 0)),
-            ("masks", values),
-            ("masks_color", colour),
-        ):
+        arrays = image.permute(1, 2, 0), mask_to_values(mask, classes), colour  # (S, S, 3), ...
+        for sub, a in zip(SAMPLE_FOLDERS, arrays):  # images/, masks/, masks_color/
             write_file(out / sub / f"{stem}.png", Image.fromarray(np.asarray(a)).save)
 
 

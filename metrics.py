@@ -456,33 +456,26 @@ def region_crop(image, mask, class_id):
 
 
 def semantic_features(
-    model,
-    images,
-    masks,
-    class_ids=None,
-    batch_size=50,
-    device=None,
-    progress=None,
-    min_pixels=MIN_REGION_PIXELS,
+    model, images, masks, class_ids=None, batch_size=50, device=None, progress=None
 ):
     """Pool features of every image's region of each class (SID, §3.5).
 
     :param images: uint8 (N, 3, H, W); masks: integer (N, H, W) class ids.
     :param class_ids: classes to extract; None = every class in `masks`.
-    :param min_pixels: regions with fewer pixels are skipped.
+    Regions under MIN_REGION_PIXELS pixels are skipped.
     :param progress: optional callable(done, total) over all regions.
     :return: {class_id: float64 np.ndarray (n_c, 2048)}, n_c = images with that class.
     """
     images, masks = torch.as_tensor(images), torch.as_tensor(masks)
     # Note: the paper sets no minimum region size; a region of a few pixels, stretched to 299x299,
-    # is a flat patch that says nothing about the class, so regions < min_pixels are skipped.
+    # is a flat patch that says nothing about the class, so regions < MIN_REGION_PIXELS are skipped.
     jobs = []  # (image index, class id)
     for i, mask in enumerate(masks):
         ids, counts = torch.unique(mask, return_counts=True)
         jobs += [
             (i, int(c))
             for c, n in zip(ids.tolist(), counts.tolist())
-            if n >= min_pixels and (class_ids is None or c in class_ids)
+            if n >= MIN_REGION_PIXELS and (class_ids is None or c in class_ids)
         ]
     if not jobs:
         return {}
