@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from functools import partial
 from multiprocessing import Pool
@@ -199,12 +200,19 @@ def _value(code, grey):
     return code // GREY if grey else [code >> 16, code >> 8 & 255, code & 255]
 
 
+def _worker_signals():
+    """A decoding process leaves Ctrl-C to its parent and dies quietly when the pool ends it (the
+    parent's kill handler, simgen.main's, would print a traceback per process, or hang the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _decode_folder(root, pairs, size):
     """Decode every pair once and turn mask values into class ids: the dataset dict, cached."""
     named, grey = _classes_json(root / "classes.json")  # before the slow part: fail fast
     jobs = [(image, mask, size) for _, image, mask in pairs]
     if len(jobs) >= 64:  # 2 processes: the first start is bound by JPEG decoding
-        with Pool(2) as pool:
+        with Pool(2, _worker_signals) as pool:
             out = pool.map(_decode_pair, jobs, chunksize=8)
     else:  # starting a pool costs more than it saves on small datasets
         out = [_decode_pair(job) for job in jobs]
@@ -544,31 +552,57 @@ def match_classes(classes, target, where, reference="the reference set"):
     return torch.tensor([same[rgb(c["value"])]["id"] for c in classes])
 
 
-def gather(roots, splits, test, fraction=1.0, generator=None):
+def gather(roots, splits, test, fraction=1.0, generator=None, merge=""):
     """The pairs of dataset folders (one split for all, or one each) as one training set for the
-    PairedFolder test, in its
-    size and class ids (matched by mask value); `fraction` keeps a random subset of the first
-    folder's pairs, drawn by generator. A folder that overlaps test's split is warned about.
+    PairedFolder test, in its size and class ids (matched by mask value). Of the first folder's
+    pairs, `fraction` keeps a random subset drawn by generator, merge ("fat=tissue,...") merges
+    classes. A folder that overlaps test's split is warned about.
     -> images uint8 (N, 3, S, S), masks uint8 (N, S, S), [dict(root, split, pairs, of)]"""
     if len(splits) not in (1, len(roots)):
         raise DataError(f"--train-split {','.join(splits)}: give one, or one per TRAIN folder")
     images, masks, used = [], [], []
+    relabel = merge_lookup(merge, test.classes)
     splits = list(splits) * len(roots) if len(splits) == 1 else splits
     for i, (root, split) in enumerate(zip(roots, splits)):
         ds = PairedFolder(root, test.images.shape[-1], split)
         same = Path(str(root)).resolve() == Path(test.root).resolve()
         if same and (split == test.split or "all" in (split, test.split)):
             print(f"warning: {root} [{split}] overlaps the test split: the IoU is no test score")
-        keep = torch.arange(len(ds))
-        if i == 0 and fraction < 1:  # the same subset for a generator, whatever the others are
-            keep = torch.randperm(len(ds), generator=generator)
-            keep = keep[: round(fraction * len(ds))].sort().values  # round(4.5) = 4
-            if not len(keep):
-                raise DataError(f"{root}: --real-fraction {fraction} leaves no pair")
-        images.append(ds.images[keep])
-        masks.append(match_classes(ds.classes, test.classes, root)[ds.masks[keep].long()])
-        used.append(dict(root=str(root), split=split, pairs=len(keep), of=len(ds)))
+        of = len(ds)
+        if i == 0:  # the same subset for a generator, whatever the other folders are
+            keep_fraction(ds, fraction, generator)
+        ids = match_classes(ds.classes, test.classes, root)[ds.masks.long()]
+        images.append(ds.images)
+        masks.append(relabel[ids] if i == 0 and relabel is not None else ids)
+        used.append(dict(root=str(root), split=split, pairs=len(ds), of=of))
     return torch.cat(images), torch.cat(masks).to(torch.uint8), used
+
+
+def keep_fraction(ds, fraction, generator):
+    """Keep a random `fraction` of the PairedFolder ds's pairs, drawn by generator: at one seed,
+    segment's real pairs and those of the generator train trains on them (Fig. 15)."""
+    if fraction == 1:
+        return
+    keep = torch.randperm(len(ds), generator=generator)[: round(fraction * len(ds))]  # 4.5 -> 4
+    if not len(keep):
+        raise DataError(f"{ds.root}: --real-fraction {fraction} leaves no pair")
+    keep = keep.sort().values
+    ds.images, ds.masks, ds.stems = ds.images[keep], ds.masks[keep], [ds.stems[i] for i in keep]
+    print(f"{ds.root} [{ds.split}]: {len(ds)} of them kept (--real-fraction {fraction})")
+
+
+def merge_lookup(merge, classes):
+    """--merge "fat=tissue,tool_tip=tool_shaft" -> (K,) long: each class id after the merge, for
+    real pairs labelled with fewer classes than classes (Fig. 16); None for ""."""
+    if not merge:
+        return None
+    ids, names = torch.arange(len(classes)), {c["name"]: c["id"] for c in classes}
+    for pair in merge.split(","):
+        old, _, new = pair.partition("=")
+        for name in [n for n in (old, new) if n not in names]:
+            raise DataError(f"--merge {pair}: {name!r} is none of the test classes {list(names)}")
+        ids[ids == names[old]] = ids[names[new]]  # what was merged into old follows it
+    return ids
 
 
 def declared_classes(root):

@@ -67,6 +67,7 @@ class Config:
     ema_decay: float = 0.9999  # EMA of the weights, used for sampling
     grad_clip: float = 1.0  # max global gradient norm
     seed: int = 0  # init, batches, noise: all randomness of a step is a function of (seed, step)
+    real_fraction: float = 1.0  # of the train split, drawn by seed: segment's subset (Fig. 15)
     amp: bool = True  # bf16 autocast (CUDA; on a CPU only when the flag is given)
     compile: bool = True  # torch.compile (likewise)
     channels_last: bool = True  # NHWC memory format (likewise)
@@ -92,6 +93,7 @@ class Config:
         checks += [
             *[(n, getattr(self, n) > 0, "must be > 0") for n in ("lr", "grad_clip")],
             ("seed", self.seed >= 0, "must be >= 0"),
+            ("real_fraction", 0 < self.real_fraction <= 1, "must be in (0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
             ("sampler", self.sampler in SAMPLERS, f"use one of {', '.join(SAMPLERS)}"),
             ("schedule", self.schedule in ("linear", "cosine"), "use linear or cosine"),
@@ -479,7 +481,7 @@ class GaussianDiffusion:
 BATCH_STREAM = 0  # (seed, step): a step's global batch (train), its batch and flips (segment)
 RANK_STREAM = 1  # (seed, step, rank): one DDP rank's flips, t and noise
 SAMPLE_STREAM = 2  # (seed, k): the k-th batch of samples (k = 0: the grids made in training)
-SUBSET_STREAM = 3  # (seed,): segment's subset of the real pairs (--real-fraction)
+SUBSET_STREAM = 3  # (seed,): the real pairs --real-fraction keeps, in train and in segment
 # The fields a resumed run may change; the others must be those it was trained with.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "sample_n", "sampler", "sampler_steps"}
 RESUMABLE |= set(SPEED_FIELDS)
@@ -662,6 +664,8 @@ def train(cfg, out, explicit=()):
             raise data.DataError(f"--batch-size {cfg.batch_size}: not divisible by {world} ranks")
         # The training set, uint8 on the device: batches are made there, no loader processes.
         ds = data.PairedFolder(cfg.data, cfg.image_size, "train")
+        # Fig. 15's generator of a fraction: the real pairs segment keeps at the same --seed
+        data.keep_fraction(ds, cfg.real_fraction, make_generator("cpu", SUBSET_STREAM, cfg.seed))
         if ckpt is not None and ckpt["classes"] != ds.classes:
             raise data.DataError(f"{cfg.data}: its classes differ from those {ckpt_path} has")
         ds.images, ds.masks, k = ds.images.to(device), ds.masks.to(device), ds.num_classes
@@ -977,19 +981,18 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
 # Deviation: a 16-channel ResUNet (3.8M parameters) at 64 x 64 for 300 steps, to train in minutes
 # on a CPU; the paper's downstream ResUNet (its ref. [19]) is full size, its training not stated.
 SEGMENT = dict(image_size=64, base_channels=16, channel_mults=(1, 2, 4, 8))
-SEGMENT |= dict(steps=300, batch_size=16, lr=2e-3, seed=0)
+SEGMENT |= dict(steps=300, batch_size=16, lr=2e-3, seed=0, real_fraction=1.0)
 
 
-def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction=1.0, out=None):
+def segment(roots, test_root, cfg, test_split="val", splits=("train",), merge="", out=None):
     """Train a segmentation ResUNet on dataset folders; per-class and mean IoU on a real test split.
     :param roots, splits: training folders, real or generated, the first the real one; their
-        splits, one or one each; fraction: a seeded fraction of the first one's pairs (Fig. 15)
+        splits, one or one each. cfg.real_fraction: a seeded fraction of the first's pairs (Fig. 15)
+    :param merge: "fat=tissue,...": the first's classes merged, fewer than the test's (Fig. 16)
     :param cfg: Config; image_size, base_channels, channel_mults, steps, batch_size, lr, seed
     :param out: folder for segment.pt ({model, config, classes, version}); never overwritten
     :return: dict for the JSON: train (folder, split, pairs used, of), test, classes with iou, ...
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"--real-fraction {fraction}: must be in (0, 1]")
     ckpt_path = Path(out) / "segment.pt" if out else None
     if ckpt_path and ckpt_path.exists():
         raise data.DataError(f"{ckpt_path}: exists; choose another --out")
@@ -997,7 +1000,7 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction
     test = data.PairedFolder(test_root, cfg.image_size, test_split)
     # the training pairs in the test set's class ids; the first folder's subset fixed by the seed
     subset = make_generator("cpu", SUBSET_STREAM, cfg.seed)
-    images, masks, used = data.gather(roots, splits, test, fraction, subset)
+    images, masks, used = data.gather(roots, splits, test, cfg.real_fraction, subset, merge)
     images, masks = images.to(device), masks.to(device)
 
     torch.manual_seed(cfg.seed)
@@ -1035,7 +1038,7 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), fraction
         save_checkpoint(ckpt_path, dict(state, version=VERSION))
         print(f"weights in {ckpt_path}")
     result = dict(train=used, test=str(test_root), test_split=test_split, n_test=len(test))
-    result |= dict(real_fraction=fraction, config={k: getattr(cfg, k) for k in SEGMENT})
+    result |= dict(merge=merge, config={k: getattr(cfg, k) for k in SEGMENT})
     classes = [dict(c, iou=v) for c, v in zip(test.classes, per_class)]
     return dict(result, classes=classes, mean_iou=mean, seconds=seconds)
 
@@ -1091,7 +1094,7 @@ def bench_step(cfg, fast, ds, diffusion):
     return step
 
 
-def bench(config=None, repeats=None, json_path=None, profile=False):
+def bench(config=None, repeats=None, profile=False):
     """What a user sizes a GPU job by -> dict: train's step (paper config; demo on a CPU) in fp32,
     and on CUDA as train runs it, also at batch 64 and autotuned (img/s, MFU: counted FLOPs per
     second over the peak, peak memory); seconds for 16 pairs per sampler; profile: the last."""
@@ -1168,9 +1171,6 @@ def bench(config=None, repeats=None, json_path=None, profile=False):
         print(f"  {f'{sampler}, {steps} steps':<34}{f'{seconds:.2f} s':>14}", flush=True)
     res["total_s"] = time.time() - started
     print(f"total {res['total_s']:.0f}s")
-    if json_path:
-        Path(json_path).write_text(json.dumps(res, indent=1))
-        print(f"numbers in {json_path}")
     return res
 
 
@@ -1237,7 +1237,7 @@ def build_parser():
     p.add_argument("--test", required=True, help="real dataset folder for the IoU")
     p.add_argument("--test-split", default="val")
     p.add_argument("--train-split", default="train", help="one split, or one each: train,all")
-    p.add_argument("--real-fraction", type=float, default=1.0, help="of the first TRAIN folder")
+    p.add_argument("--merge", default="", help="the first TRAIN's classes merged: fat=tissue,...")
     p.add_argument("--out", help="folder for segment.pt")
     p.add_argument("--json", help="write the IoU table here")
     add_config_flags(p, SEGMENT, keep_defaults=True)
@@ -1273,17 +1273,17 @@ def main(argv=None):
             args.out = args.out or Path("samples") / Path(args.ckpt).resolve().parent.name
             sample(args)
         elif args.command == "bench":
-            bench(args.config, args.repeats, args.json, args.profile)
+            result = bench(args.config, args.repeats, args.profile)
         elif args.command == "eval":
             how = (args.image_size, args.real_split, args.fake_split, args.batch_size, args.device)
             result = evaluate(args.real, args.fake, *how)
         elif args.command == "segment":
             cfg = replace(Config(), **{k: getattr(args, k) for k in SEGMENT})
-            how = (args.test_split, args.train_split.split(","), args.real_fraction, args.out)
+            how = (args.test_split, args.train_split.split(","), args.merge, args.out)
             result = segment(args.train, args.test, cfg, *how)
-        if args.command in ("eval", "segment") and args.json:
+        if args.command in ("eval", "segment", "bench") and args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
-            print(f"scores in {args.json}")
+            print(f"numbers in {args.json}")
     except (data.DataError, metrics.MetricsError, FloatingPointError, ValueError, OSError) as e:
         named = isinstance(e, OSError) and e.filename  # the path beside errno's words
         print(f"error: {f'{e.filename}: {e.strerror}' if named else e}", file=sys.stderr)

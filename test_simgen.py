@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -1569,6 +1570,89 @@ def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, cap
     )
 
 
+def test_train_real_fraction_trains_on_the_pairs_segment_keeps(tmp_path, monkeypatch, capsys):
+    # Fig. 15's generator of a fraction: train --real-fraction F --seed S sees exactly the pairs
+    # that segment --real-fraction F --seed S trains on, round(F x 9) of the 9 train pairs
+    real = make_squares(tmp_path / "real", 10, 16, seed=1)
+    seen, subsets = {}, {}
+    batch, gather = simgen.training_batch, data.gather
+
+    def training_batch(ds, *args):
+        seen.setdefault("train", ds.images.cpu())
+        return batch(ds, *args)
+
+    def gathered(*args):
+        out = gather(*args)
+        seen["segment"] = out[0]
+        return out
+
+    monkeypatch.setattr(simgen, "training_batch", training_batch)
+    monkeypatch.setattr(data, "gather", gathered)
+    tiny = "--image-size 16 --channel-mults 1,2 --base-channels 8 --steps 2".split()
+    for seed in (3, 4):
+        seen.clear()
+        run_dir, how = tmp_path / f"run{seed}", ["--real-fraction", "0.5", "--seed", str(seed)]
+        simgen.main(["train", str(real), "--preset", "tiny", "--out", str(run_dir), *how])
+        simgen.main(["segment", str(real), "--test", str(real), *tiny, *how])
+        out = capsys.readouterr().out  # train's line, then segment's
+        assert out.count(f"{real} [train]: 4 of them kept (--real-fraction 0.5)") == 2
+        assert torch.equal(seen["train"], seen["segment"])
+        pairs = {bytes(x.numpy()) for x in PairedFolder(real, 16, "train").images}
+        subsets[seed] = {bytes(x.numpy()) for x in seen["train"]}
+        assert len(subsets[seed]) == 4 and subsets[seed] < pairs
+    assert subsets[3] != subsets[4]  # the subset is the seed's
+    err = cli_error(
+        [
+            "train",
+            str(real),
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "run3"),
+            "--real-fraction",
+            "1",
+        ],
+        capsys,
+    )  # a resumed run keeps its fraction unless another is asked for: refused
+    assert "trained with real_fraction=0.5, not 1.0; choose another --out" in err
+    err = cli_error(["train", str(real), "--preset", "tiny", "--real-fraction", "1.5"], capsys)
+    assert err == "error: --real-fraction 1.5: must be in (0, 1]\n"
+
+
+def test_segment_merge_labels_the_real_pairs_with_fewer_classes(tmp_path, capsys):
+    # Fig. 16: --merge relabels the first (real) folder's classes only; a generated folder
+    # keeps every class. Squares of 100 (a) and 200 (b) on 0.
+    rng = np.random.default_rng(0)
+    spec = {"background": 0, "a": 100, "b": 200}
+    for name in ("real", "gen"):
+        for i in range(10):
+            mask = np.zeros((16, 16), np.uint8)
+            mask[: rng.integers(4, 12), :8], mask[rng.integers(4, 12) :, 8:] = 100, 200
+            image = np.stack([mask, 255 - mask, mask // 2], -1)
+            for sub, a in (("images", image), ("masks", mask)):
+                (tmp_path / name / sub).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(a).save(tmp_path / name / sub / f"{i:03d}.png")
+        (tmp_path / name / "classes.json").write_text(json.dumps(spec))
+    real, gen = tmp_path / "real", tmp_path / "gen"
+    test = PairedFolder(real, 16, "all")
+    assert data.merge_lookup("b=a", test.classes).tolist() == [0, 1, 1]
+    assert data.merge_lookup("a=b,b=background", test.classes).tolist() == [0, 0, 0]
+    assert data.merge_lookup("", test.classes) is None
+    _, masks, _ = data.gather([real, gen], ["all"], test, merge="b=a")
+    assert torch.equal(masks[:10], test.masks.clamp(max=1))  # b is a in the real pairs
+    assert torch.equal(masks[10:], PairedFolder(gen, 16, "all").masks)  # not in the generated
+    args = ["segment", str(real), "--test", str(real), "--test-split", "all", "--merge", "b=a"]
+    args += "--image-size 16 --channel-mults 1,2 --base-channels 8 --steps 40".split()
+    _, alone = run(args + ["--json", str(tmp_path / "a.json")], capsys)
+    _, both = run(args[:2] + [str(gen)] + args[2:] + ["--json", str(tmp_path / "b.json")], capsys)
+    iou = [{c["name"]: c["iou"] for c in r["classes"]} for r in (alone, both)]
+    assert alone["merge"] == "b=a" and iou[0]["b"] == 0.0  # never labelled, never predicted
+    assert iou[1]["b"] > 0.5  # learnt from the generated pairs
+    assert "--merge b=c: 'c' is none of the test classes" in cli_error(
+        args[:-9] + ["b=c"] + args[-8:], capsys
+    )
+
+
 def test_segment_errors_are_one_line(tmp_path, capsys):
     test = make_squares(tmp_path / "test", 9, 16, seed=3)
     tool = make_squares(
@@ -2415,6 +2499,29 @@ def test_ctrl_c_and_kill_stop_in_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: interrupted; nothing is half-written, and a run goes on")
         assert err.count("\n") == 1 and signal.getsignal(signal.SIGTERM) is handler
+
+
+def signal_handlers(_):
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_decoding_processes_leave_ctrl_c_and_kill_to_the_command(tmp_path, monkeypatch, capfd):
+    # A folder of 64 pairs is decoded by a pool of processes. With main's kill handler they
+    # printed a KeyboardInterrupt traceback each when the pool ended them, or hung it.
+    made = []
+    monkeypatch.setattr(data, "Pool", lambda *args: made.append(args) or Pool(*args))
+    real = make_squares(tmp_path / "real", 64, 16, seed=0)
+    args = ["segment", str(real), "--test", str(real), "--test-split", "all", "--steps", "1"]
+    simgen.main(args + "--image-size 16 --channel-mults 1,2 --base-channels 8".split())
+    out, err = capfd.readouterr()
+    assert "64 of 64 pairs" in out and "Traceback" not in err and len(made) == 1
+    handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as in main
+    try:
+        with Pool(*made[0]) as pool:
+            seen = pool.map(signal_handlers, range(4), chunksize=1)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert set(seen) == {(signal.SIG_IGN, signal.SIG_DFL)}
 
 
 def test_os_errors_name_their_path(tiny_ckpt, tmp_path, capsys):
