@@ -580,7 +580,7 @@ def gather(roots, splits, test, fraction=1.0, generator=None, merge=""):
 
 def keep_fraction(ds, fraction, generator):
     """Keep a random `fraction` of the PairedFolder ds's pairs, drawn by generator: at one seed,
-    segment's real pairs and those of the generator train trains on them (Fig. 15)."""
+    the same pairs in segment (its real folder) and in train (Fig. 15's generator of a fraction)."""
     if fraction == 1:
         return
     keep = torch.randperm(len(ds), generator=generator)[: round(fraction * len(ds))]  # 4.5 -> 4
@@ -598,7 +598,9 @@ def merge_lookup(merge, classes):
         return None
     ids, names = torch.arange(len(classes)), {c["name"]: c["id"] for c in classes}
     for pair in merge.split(","):
-        old, _, new = pair.partition("=")
+        old, sep, new = pair.partition("=")
+        if not sep:
+            raise DataError(f"--merge {pair}: use OLD=NEW, e.g. fat=tissue")
         for name in [n for n in (old, new) if n not in names]:
             raise DataError(f"--merge {pair}: {name!r} is none of the test classes {list(names)}")
         ids[ids == names[old]] = ids[names[new]]  # what was merged into old follows it

@@ -1648,6 +1648,7 @@ def test_segment_merge_labels_the_real_pairs_with_fewer_classes(tmp_path, capsys
     iou = [{c["name"]: c["iou"] for c in r["classes"]} for r in (alone, both)]
     assert alone["merge"] == "b=a" and iou[0]["b"] == 0.0  # never labelled, never predicted
     assert iou[1]["b"] > 0.5  # learnt from the generated pairs
+    assert "--merge b: use OLD=NEW" in cli_error(args[:-9] + ["b"] + args[-8:], capsys)
     assert "--merge b=c: 'c' is none of the test classes" in cli_error(
         args[:-9] + ["b=c"] + args[-8:], capsys
     )
