@@ -78,6 +78,8 @@ class Config:
     sample_n: int = 16  # pairs in each sample grid
     sampler: str = "ddpm"  # the grids' sampler (SAMPLERS); ddpm takes all T steps, as the paper
     sampler_steps: int = 20  # steps of the other samplers
+    eval_every: int = 0  # steps between FID/KID/sFID/sKID of eval_n pairs vs the val split; 0: off
+    eval_n: int = 120  # pairs sampled for each of those scores (dpm++sde, 20 steps)
 
     def __post_init__(self):
         """Every flag is checked here, before any work is done or any folder is made."""
@@ -93,6 +95,8 @@ class Config:
         checks += [
             *[(n, getattr(self, n) > 0, "must be > 0") for n in ("lr", "grad_clip")],
             ("seed", self.seed >= 0, "must be >= 0"),
+            ("eval_every", self.eval_every >= 0, "must be >= 0 (0: off)"),
+            ("eval_n", self.eval_n >= 2, "must be >= 2: FID and KID need two pairs"),
             ("real_fraction", 0 < self.real_fraction <= 1, "must be in (0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
             ("sampler", self.sampler in SAMPLERS, f"use one of {', '.join(SAMPLERS)}"),
@@ -484,6 +488,8 @@ SAMPLE_STREAM = 2  # (seed, k): the k-th batch of samples (k = 0: the grids made
 SUBSET_STREAM = 3  # (seed,): the real pairs --real-fraction keeps, in train and in segment
 # The fields a resumed run may change; the others must be those it was trained with.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "sample_n", "sampler", "sampler_steps"}
+RESUMABLE |= {"eval_every", "eval_n"}
+SCORES = ("fid", "kid", "sfid", "skid")  # --eval-every's columns of log.csv
 RESUMABLE |= set(SPEED_FIELDS)
 
 
@@ -641,7 +647,7 @@ def train(cfg, out, explicit=()):
         dist.init_process_group("nccl" if ids else "gloo", timeout=timedelta(minutes=30), **ids)
     log = print if rank == 0 else lambda *args, **kwargs: None  # rank 0 logs and saves
     out = Path(out)
-    ckpt_path, csv = out / "ckpt.pt", out / "log.csv"
+    ckpt_path, best_path, csv = out / "ckpt.pt", out / "best.pt", out / "log.csv"
     with data.folder_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per folder
         # Resume: the checkpoint decides every setting the user did not set.
         ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
@@ -669,6 +675,9 @@ def train(cfg, out, explicit=()):
         if ckpt is not None and ckpt["classes"] != ds.classes:
             raise data.DataError(f"{cfg.data}: its classes differ from those {ckpt_path} has")
         ds.images, ds.masks, k = ds.images.to(device), ds.masks.to(device), ds.num_classes
+        if cfg.eval_every and rank == 0:  # the curve's yardstick: the val split, the Inception
+            val = data.PairedFolder(cfg.data, cfg.image_size, "val")
+            inception = metrics.load_inception()
         fast = amp, compiled, channels_last = speedups(cfg, device, explicit)
         shown = {k: v for k, v in asdict(cfg).items() if k not in SPEED_FIELDS}  # per device:
         log("config " + " ".join(f"{k}={v}" for k, v in shown.items()))  # see the next lines
@@ -715,7 +724,12 @@ def train(cfg, out, explicit=()):
         if rank == 0:  # a row per progress line; on resume, the rows past the checkpoint go
             rows = csv.read_text().splitlines()[1:] if csv.exists() else []
             rows = [r for r in rows if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= start]
-            csv.write_text("".join(f"{r}\n" for r in ["step,loss,images_per_s,seconds", *rows]))
+            rows = [r + "," * (7 - r.count(",")) for r in rows]  # the scores' columns, if missing
+            head = ",".join(["step,loss,images_per_s,seconds", *SCORES])
+            csv.write_text("".join(f"{r}\n" for r in [head, *rows]))
+        # --eval-every keeps the best FID's weights in best.pt, which records its scores
+        best = torch.load(best_path, weights_only=True, mmap=True) if best_path.exists() else {}
+        best = best.get("scores", {}).get("fid", math.inf)
         kept = f"stopped, {ckpt_path} (step {start}) is kept" if start else "stopped, no checkpoint"
         params, ema_params = list(raw.parameters()), list(ema.parameters())
         loss_sum, last_line, clock, timed_from = 0.0, start, time.time(), start
@@ -745,7 +759,8 @@ def train(cfg, out, explicit=()):
                 why = "compile, autotune; " if compiled else ""
                 log(f"first step {first:.1f}s ({why}not counted in the rates){memory}")
             due = done % cfg.ckpt_every == 0 or done == cfg.steps
-            row = due or done % cfg.log_every == 0  # a line and a row of log.csv
+            scored = cfg.eval_every and done % cfg.eval_every == 0  # FID & co. of the EMA
+            row = due or scored or done % cfg.log_every == 0  # a line and a row of log.csv
             if row or (rank == 0 and time.time() - shown >= 10):  # else a line every 10 s
                 mean = loss_sum / (done - last_line)
                 if world > 1 and row:  # the mean over the ranks: the loss of the global batch
@@ -760,19 +775,22 @@ def train(cfg, out, explicit=()):
                 shown = now
             if row:
                 seconds += now - clock
-                line = f"{done},{mean:.6f},{rate:.2f},{seconds:.1f}\n"  # written once saved
+                line = f"{done},{mean:.6f},{rate:.2f},{seconds:.1f}"  # written once saved
                 loss_sum, last_line, clock, timed_from = 0.0, done, time.time(), done
 
-            # The checkpoint and a sample grid from the EMA (rank 0; not counted as training).
-            if due:  # never a checkpoint with non-finite weights: it would sample NaN
+            # The checkpoint, a sample grid and the scores from the EMA (rank 0; not counted as
+            # training time). Never a checkpoint with non-finite weights: it would sample NaN.
+            scores = {}
+            if due or scored:
                 finite = [p.isfinite().all() for m in (raw, ema) for p in m.parameters()]
                 if not bool(torch.stack(finite).all()):
                     raise FloatingPointError(f"weights are not finite near step {done}; {kept}")
+                state = dict(model=raw.state_dict(), ema=ema.state_dict(), step=done)
+                state.update(optimizer=opt.state_dict(), config=asdict(cfg), seconds=seconds)
+                state.update(classes=ds.classes, version=VERSION)
+                state |= dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}
+            if due:
                 if rank == 0:
-                    state = dict(model=raw.state_dict(), ema=ema.state_dict(), step=done)
-                    state.update(optimizer=opt.state_dict(), config=asdict(cfg), seconds=seconds)
-                    state.update(classes=ds.classes, version=VERSION)
-                    state |= dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}
                     save_checkpoint(ckpt_path, state)
                     kept = f"stopped, {ckpt_path} (step {done}) is kept"
                     # the same noise every time: a run's grids show the training, not the draw
@@ -781,12 +799,22 @@ def train(cfg, out, explicit=()):
                         pairs = generate(grid_model, diffusion, cfg, k, cfg.sample_n, g)[:2]
                     colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
                     data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
-                if world > 1:  # the other ranks wait here, not inside the next all-reduce
-                    dist.barrier()
+            if scored and rank == 0:  # the training curve: the EMA's pairs against the val split
+                scores = sample_scores(grid_model, diffusion, cfg, k, (val, inception), amp)
+                got = " ".join(f"{n} {metrics.fmt(v, 4)}" for n, v in scores.items())
+                better = scores["fid"] < best
+                log(f"step {done}: {got} ({cfg.eval_n} pairs vs {len(val)} val{', best' * better})")
+                if better:  # the best FID's weights, kept as atomically as ckpt.pt
+                    best = scores["fid"]
+                    save_checkpoint(best_path, state | dict(scores=scores))
+            if (due or scored) and world > 1:  # the others wait here, not in the next all-reduce
+                dist.barrier()
+            if due or scored:
                 clock = time.time()
             if row and rank == 0:
                 with open(csv, "a") as f:
-                    f.write(line)
+                    cells = [scores.get(n) for n in SCORES]  # empty where not measured
+                    f.write(line + "".join("," if v is None else f",{v:.6f}" for v in cells) + "\n")
 
         if rank == 0:  # the summary; on the built-in set, how well the last grid's masks fit
             log(f"{ckpt_path}: step {cfg.steps}, {seconds:.0f}s of training; grids in {out}")
@@ -915,6 +943,53 @@ def sample(args):
 # ---------------------------------------------------------------------------------- eval (§3.5)
 
 
+def score(inception, real_ds, fake, device=None, batch_size=50, show=True):
+    """FID, KID, sFID and sKID (§3.5, metrics.distances) of fake = (images uint8 (N, 3, S, S),
+    masks (N, S, S) in real_ds's class ids) against real_ds, a data.PairedFolder; eval's, and
+    train's --eval-every. The real set's features are cached, keyed by all they depend on: pixels,
+    classes, the network's weights, the region rule; the folder's path is in the file's name.
+    :return: metrics.distances' dict (per_class rows get name and value), how the real came"""
+
+    def features(name, images, masks):  # float64 (N, 2048) arrays as tensors, for the cache
+        how = (None, batch_size, device, metrics.printer(name) if show else None)
+        feats = metrics.dataset_features(inception, images, masks, *how)
+        return {k: torch.from_numpy(v) for k, v in feats.items()}
+
+    content = hashlib.sha256()
+    for t in [real_ds.images, real_ds.masks, *inception.state_dict().values()]:
+        content.update(t.contiguous().cpu().numpy())
+    key = (real_ds.classes, metrics.MIN_REGION_PIXELS, metrics.BLANK, content.hexdigest())
+    where = Path(real_ds.root).resolve()
+    name = f"eval-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
+    size = real_ds.images.shape[-1]
+    get = partial(features, "real", real_ds.images, real_ds.masks)
+    real_feats, how = data.cached(f"{name}-{real_ds.split}-{size}", key, get)
+    if show:
+        print(f"{real_ds.root} [{real_ds.split}]: Inception features {how}")
+    arrays = [{k: v.numpy() for k, v in f.items()} for f in (real_feats, features("fake", *fake))]
+    scores = metrics.distances(*arrays)
+    for row in scores["per_class"]:
+        c = real_ds.classes[row["class"]]
+        row.update(name=c["name"], value=c["value"])
+    return scores, how
+
+
+@torch.no_grad()
+def sample_scores(model, diffusion, cfg, num_classes, yardstick, amp=None):
+    """train --eval-every: FID, KID, sFID, sKID (SCORES) of cfg.eval_n pairs from model, the pairs
+    `sample --seed <cfg.seed> --sampler dpm++sde --steps 20` draws, against yardstick = (a
+    data.PairedFolder, the Inception), in amp's autocast. -> {name: float or None}"""
+    how, b, pairs = replace(cfg, sampler="dpm++sde", sampler_steps=20), min(16, cfg.eval_n), []
+    device = next(iter(model.parameters())).device
+    for i in range(math.ceil(cfg.eval_n / b)):  # batches of b, as sample draws them
+        g = make_generator(device, SAMPLE_STREAM, cfg.seed, i)
+        with autocast(amp, device):
+            pairs.append(generate(model, diffusion, how, num_classes, b, g)[:2])
+    fake = [torch.cat(v)[: cfg.eval_n] for v in zip(*pairs)]  # images, masks
+    scores = score(yardstick[1], yardstick[0], fake, device, show=False)[0]
+    return {n: scores[n] for n in SCORES}
+
+
 def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_size=50, device=None):
     """FID, KID, sFID and sKID (§3.5, metrics.py) of the FAKE pairs against the REAL ones.
     :param real, fake: dataset folders or "synthetic"; fake is usually what `sample` wrote
@@ -939,31 +1014,9 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
     if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
         print(f"warning: REAL and FAKE are the same images ({real}): their FID of 0 says nothing")
     fake_masks = data.match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()]
-    model, start = metrics.load_inception(), time.time()
-
-    def features(name, ds, masks):  # float64 (N, 2048) arrays as tensors, for the cache
-        show = metrics.printer(name)
-        feats = metrics.dataset_features(model, ds.images, masks, None, batch_size, device, show)
-        return {k: torch.from_numpy(v) for k, v in feats.items()}
-
-    # The real set's features are cached, keyed by all they depend on: pixels, classes, the
-    # network's weights, the region rule; the folder's path is in the file's name.
-    content = hashlib.sha256()
-    for t in [real_ds.images, real_ds.masks, *model.state_dict().values()]:
-        content.update(t.contiguous().numpy())
-    key = (real_ds.classes, metrics.MIN_REGION_PIXELS, metrics.BLANK, content.hexdigest())
-    where = Path(str(real)).resolve()
-    name = f"eval-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
-    get = partial(features, "real", real_ds, real_ds.masks)
-    real_feats, how = data.cached(f"{name}-{real_split}-{size}", key, get)
-    print(f"{real} [{real_split}]: Inception features {how}")
-    fake_feats = features("fake", fake_ds, fake_masks)
-    arrays = [{k: v.numpy() for k, v in f.items()} for f in (real_feats, fake_feats)]
-    scores = metrics.distances(*arrays)
-    for row in scores["per_class"]:
-        c = real_ds.classes[row["class"]]
-        row.update(name=c["name"], value=c["value"])
-
+    start = time.time()
+    fake = fake_ds.images, fake_masks
+    scores, how = score(metrics.load_inception(), real_ds, fake, device, batch_size)
     print(f"{metrics.report(scores)}\n({size}x{size} images, {time.time() - start:.0f}s)")
     k = data.synthetic_classes(real)
     if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
@@ -1115,8 +1168,10 @@ def bench(config=None, repeats=None, profile=False):
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     amp = speedups(cfg, device, {"amp"})[0]  # bf16, or fp16 before Ampere
     res["train"], flops, b = {}, None, cfg.batch_size
-    variants = [("eager fp32", (None, False, False), b)]  # what a CPU trains with
-    used = f"{str(amp)[6:]} + compile + channels_last"  # what train uses on CUDA: last, profiled
+    half = str(amp)[6:]  # bf16, or fp16 before Ampere
+    # what a CPU trains with, and with --amp: bf16 is faster only where the CPU has bf16 units
+    variants = [("eager fp32", (None, False, False), b), (f"eager {half}", (amp, False, False), b)]
+    used = f"{half} + compile + channels_last"  # what train uses on CUDA: last, profiled
     if cuda:  # and with a larger batch, or inductor's autotuning without CUDA graphs
         variants += [(f"{used}, batch 64", (amp, True, True), 64)]
         variants += [(f"{used}, max-autotune", (amp, "max-autotune-no-cudagraphs", True), b)]

@@ -1135,7 +1135,9 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
     }
     assert simgen.Config(**straight["config"]) == tiny(steps=6, ckpt_every=100)
     assert straight["classes"][4] == {"id": 4, "name": "tool_tip", "value": 4}
-    assert (tmp_path / "a" / "log.csv").read_text().startswith("step,loss,images_per_s,seconds\n")
+    head = "step,loss,images_per_s,seconds,fid,kid,sfid,skid\n"  # no scores: empty columns
+    assert (tmp_path / "a" / "log.csv").read_text().startswith(head)
+    assert (tmp_path / "a" / "log.csv").read_text().splitlines()[1].endswith(",,,,")
     assert (tmp_path / "a" / "grid_0000006.png").exists()
     # A conflicting model or data setting is refused in one line; the checkpoint is untouched.
     with pytest.raises(data.DataError, match="trained with base_channels=8, not 16"):
@@ -1143,6 +1145,40 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
             tiny(steps=8, base_channels=16), tmp_path / "b", explicit={"steps", "base_channels"}
         )
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_eval_every_scores_the_pairs_sample_draws_and_keeps_the_best(tmp_path, stand_in, capsys):
+    # The curve in log.csv: at steps 10 and 20, 6 pairs from the EMA scored against the val split.
+    # Oracle: `sample` of the final checkpoint with the same seed and sampler, written to PNGs,
+    # read back and scored by `eval`: the same four numbers as the row of step 20.
+    run_dir, cfg = tmp_path / "run", tiny(steps=20, ckpt_every=20, eval_every=10, eval_n=6)
+    ckpt = simgen.train(cfg, run_dir)
+    out = capsys.readouterr().out
+    assert "step 10: fid " in out and "(6 pairs vs 120 val, best)" in out
+    head, *rows = [r.split(",") for r in (run_dir / "log.csv").read_text().splitlines()]
+    assert head == ["step", "loss", "images_per_s", "seconds", "fid", "kid", "sfid", "skid"]
+    assert [r[0] for r in rows] == ["10", "20"] and all(len(r) == 8 and r[4] for r in rows)
+    js = str(tmp_path / "scores.json")
+    gen = sample(ckpt, tmp_path / "gen", "--n", "6", "--sampler", "dpm++sde", "--seed", "0")
+    want = run(["eval", "synthetic", str(gen), "--real-split", "val", "--json", js], capsys)[1]
+    for column, name in zip(rows[1][4:], simgen.SCORES):
+        expected = "" if want[name] is None else f"{want[name]:.6f}"
+        assert column == expected, name
+    # best.pt: the weights of the row with the lowest FID, with its scores; sample takes it
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    fids = [float(r[4]) for r in rows]
+    assert best["step"] == int(rows[fids.index(min(fids))][0])
+    assert f"{best['scores']['fid']:.6f}" == f"{min(fids):.6f}"
+    assert torch.equal(best["ema"]["init.weight"], torch.load(ckpt)["ema"]["init.weight"]) == (
+        best["step"] == 20
+    )
+    sample(run_dir / "best.pt", tmp_path / "from-best", "--n", "2")
+    # Resumed with a lower bar to beat: best.pt is replaced only by a lower FID than its own.
+    torch.save(dict(best, scores=dict(best["scores"], fid=-1.0)), run_dir / "best.pt")
+    simgen.train(tiny(steps=30, ckpt_every=20, eval_every=10, eval_n=6), run_dir, {"steps"})
+    assert torch.load(run_dir / "best.pt")["scores"]["fid"] == -1.0
+    rows = (run_dir / "log.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["10", "20", "30"] and rows[2].split(",")[4]
 
 
 def test_a_run_at_or_past_its_end_leaves_its_checkpoint_alone(tmp_path, capsys):
@@ -1885,10 +1921,10 @@ def test_bench_writes_every_number(tmp_path, capsys):
         "total_s",
     } <= set(res)
     assert res["torch"] == torch.__version__ and res["config"] == "tiny" and res["repeats"] == 1
-    rows = res[
-        "train"
-    ]  # on a CPU what it trains with; on CUDA also train's way, batch 64, autotuned
-    assert list(rows)[0] == "eager fp32" and len(rows) == (4 if torch.cuda.is_available() else 1)
+    # fp32 and bf16 (--amp) eager; on CUDA also train's way, at batch 64 and autotuned
+    rows = res["train"]
+    assert list(rows)[0] == "eager fp32" and list(rows)[1] in ("eager bfloat16", "eager float16")
+    assert len(rows) == (5 if torch.cuda.is_available() else 2)
     for v in rows.values():
         assert v["images_per_s"] > 0 and v["step_s"] > 0 and v["tflops"] > 0
     assert res["train_flops_per_step"] > 0
