@@ -9,8 +9,10 @@ Folder layout (Kvasir-SEG is the example):
     root/train.txt, val.txt, test.txt   optional split files, one stem per line; without them
                                the last round(0.12 N) stems in sorted order are val, the rest train
 JPEG masks are binary (channel mean >= 128 is foreground, as Kvasir-SEG prescribes). Lossless
-masks hold grey levels or RGB colours; the distinct values over the whole dataset become the
-contiguous class ids 0..K-1, and `classes` keeps each id's value for writing masks back.
+masks hold grey levels or RGB colours, palette ("P") masks class indices (a VOC-style label PNG:
+read by index, its palette kept for writing masks back as such); the distinct values over the
+whole dataset become the contiguous class ids 0..K-1, and `classes` keeps each id's value for
+writing masks back. Files whose names start with "." (macOS "._" companions too) are skipped.
 Each file is decoded once per image_size and the uint8 tensors are cached with torch.save in
 $SIMGEN_CACHE (default ~/.cache/simgen), never inside the dataset folder, which may be read-only.
 """
@@ -36,7 +38,7 @@ from PIL import Image
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test", "all")
 VAL_FRACTION = 0.12  # SimGen Table 1: Kvasir-SEG 880 train / 120 val
-CACHE_VERSION = 1  # bump whenever decoding or the synthetic generator changes
+CACHE_VERSION = 2  # bump whenever decoding or the synthetic generator changes
 GREY = 0x010101  # a mask value is held as the code r << 16 | g << 8 | b; grey level v is v * GREY
 
 
@@ -68,6 +70,11 @@ def _to_rgb(im):
 
 def _mask_codes(im, path):
     """Mask image -> uint32 (H, W) value codes (see GREY)."""
+    if im.mode == "P":  # a palette mask holds class indices: its palette only colours them
+        a, colours = np.asarray(im), len(im.getpalette() or []) // 3
+        if a.max() >= colours:
+            raise DataError(f"{path}: palette index {a.max()} past its {colours}-colour palette")
+        return a.astype(np.uint32) * GREY  # read as grey levels: the values are the indices
     if path.suffix.lower() in (".jpg", ".jpeg"):
         # lossy masks are binary plus compression noise: threshold the channel mean at 128
         a = np.asarray(im.convert("RGB"), np.uint16)
@@ -106,7 +113,8 @@ def _fit_mask(a, size):
 
 def _decode_pair(job):
     """(image path, mask path, S) -> image uint8 (S, S, 3), the mask's sorted value codes (n,),
-    and the mask as indices into those codes, uint8 (S, S). Runs in the worker processes."""
+    the mask as indices into those codes, uint8 (S, S), and a palette mask's palette ([r, g, b,
+    ...], else None). Runs in the worker processes."""
     image_path, mask_path, size = job
     im, mk = _open(image_path), _open(mask_path)
     if im.size != mk.size:
@@ -119,11 +127,9 @@ def _decode_pair(job):
     codes = np.unique(full)  # without return_inverse, which argsorts and is 10x slower
     if len(codes) > 256:
         raise DataError(f"{mask_path}: {len(codes)} distinct mask values, more than 256 classes")
-    return (
-        _fit_image(_to_rgb(im), size),
-        codes,
-        np.searchsorted(codes, _fit_mask(full, size)).astype(np.uint8),
-    )
+    local = np.searchsorted(codes, _fit_mask(full, size)).astype(np.uint8)
+    palette = mk.getpalette() if mk.mode == "P" else None
+    return _fit_image(_to_rgb(im), size), codes, local, palette
 
 
 # ---------------------------------------------------------------------------- a dataset folder
@@ -134,11 +140,14 @@ def _files(folder):
     if not folder.is_dir():
         raise DataError(f"{folder}: missing; a dataset has an images/ and a masks/ folder")
     paths = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in EXTENSIONS]
+    paths = [p for p in paths if not p.name.startswith(".")]  # hidden, macOS "._NAME" companions
     if not paths:
         raise DataError(f"{folder}: no {'/'.join(e[1:] for e in EXTENSIONS)} files")
     files = {p.stem: p for p in paths}
     if len(files) < len(paths):  # a.jpg next to a.png: which one is meant is anybody's guess
-        raise DataError(f"{folder}: {len(paths) - len(files)} stems have two files")
+        twice = sorted({p.stem for p in paths if files[p.stem] != p})
+        both = ", ".join(p.name for p in paths if p.stem == twice[0])
+        raise DataError(f"{folder}: {len(twice)} stems have two files (e.g. {both})")
     return files
 
 
@@ -152,10 +161,12 @@ def _pairs(root):
         (masks, images, "masks", "images"),
     ):
         lonely = sorted(set(have) - set(lack))
-        if lonely:
+        if lonely:  # a few of each: the two naming schemes side by side
+            extra = [lack[s].name for s in sorted(set(lack) - set(have))[:3]]
+            holds = f"; {where}/ holds e.g. {', '.join(extra)}" if extra else ""
             raise DataError(
                 f"{root / where}: nothing for {len(lonely)} of {len(have)} {what} "
-                f"(e.g. {', '.join(lonely[:3])})"
+                f"(e.g. {', '.join(have[s].name for s in lonely[:3])}{holds})"
             )
     return [(s, images[s], masks[s]) for s in sorted(images)]
 
@@ -165,7 +176,7 @@ def _classes_json(path):
     if not path.exists():
         return None, None
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write
         grey = all(type(v) is int for v in spec.values())  # else every value must be [r, g, b]
         rgb = [[v] * 3 if grey else v for v in spec.values()]
         codes = [
@@ -216,6 +227,7 @@ def _decode_folder(root, pairs, size):
             out = pool.map(_decode_pair, jobs, chunksize=8)
     else:  # starting a pool costs more than it saves on small datasets
         out = [_decode_pair(job) for job in jobs]
+    palette = next((p for *_, p in out if p is not None), None)  # the first palette mask's
     if named is None:  # the values found, sorted; JPEG masks are binary even if a class is absent
         lossy = (
             [0, 255 * GREY]
@@ -223,7 +235,7 @@ def _decode_folder(root, pairs, size):
             else []
         )
         table = np.unique(
-            np.concatenate([codes for _, codes, _ in out] + [np.array(lossy, np.uint32)])
+            np.concatenate([codes for _, codes, *_ in out] + [np.array(lossy, np.uint32)])
         ).tolist()
         if len(table) > 256:
             raise DataError(
@@ -233,7 +245,7 @@ def _decode_folder(root, pairs, size):
         named = {"background" if c == 0 else f"class_{i}": c for i, c in enumerate(table)}
     index = {c: i for i, c in enumerate(named.values())}
     masks = []
-    for (_, _, mask_path), (_, codes, local) in zip(pairs, out):
+    for (_, _, mask_path), (_, codes, local, _) in zip(pairs, out):
         unknown = [_value(c, c == (c & 255) * GREY) for c in codes.tolist() if c not in index]
         if unknown:
             raise DataError(
@@ -242,18 +254,15 @@ def _decode_folder(root, pairs, size):
         # file's index -> class id
         masks.append(np.array([index[c] for c in codes.tolist()], np.uint8)[local])
     classes = _class_list(named, grey)
-    return _pack([image for image, _, _ in out], masks, [s for s, _, _ in pairs], classes)
+    images, stems = [image for image, *_ in out], [s for s, _, _ in pairs]
+    return _pack(images, masks, stems, classes, palette)
 
 
-def _pack(images, masks, stems, classes):
+def _pack(images, masks, stems, classes, palette=None):
     """Lists of (S, S, 3) images and (S, S) masks -> the dataset dict of uint8 tensors."""
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-    return {
-        "images": images,
-        "masks": torch.from_numpy(np.stack(masks)),
-        "stems": stems,
-        "classes": classes,
-    }
+    masks = torch.from_numpy(np.stack(masks))
+    return dict(images=images, masks=masks, stems=stems, classes=classes, palette=palette)
 
 
 def cache_file(name, key, suffix):
@@ -350,7 +359,7 @@ class PairedFolder(torch.utils.data.Dataset):
     :param image_size: S; the shorter side is resized to S, then the centre S x S is cropped
     :param split: "train", "val", "test" (only from a test.txt) or "all"
     Attributes: images uint8 (N, 3, S, S), masks uint8 (N, S, S) class ids, classes
-    [{"id", "name", "value"}], num_classes, stems, root, split.
+    [{"id", "name", "value"}], num_classes, stems, root, split, palette (of palette masks).
     """
 
     def __init__(self, root, image_size, split="train"):
@@ -397,11 +406,14 @@ class PairedFolder(torch.utils.data.Dataset):
         self.images, self.masks = data["images"][index], data["masks"][index]
         self.stems = [data["stems"][i] for i in index.tolist()]
         self.classes, self.num_classes = data["classes"], len(data["classes"])
+        self.palette = data["palette"]  # palette masks': [r, g, b, ...] by index, else None
         print(
             f"{self.root} [{split}]: {len(self)} of {len(stems)} pairs at {image_size}x"
             f"{image_size}, {how} ({time.time() - start:.1f}s); {self.num_classes} classes: "
             + ", ".join(f"{c['id']}={c['name']}({c['value']})" for c in self.classes)
         )
+        if k is None and not (folder / "classes.json").exists():
+            _warn_rare_colours(folder / "masks", data)
 
     def __len__(self):
         return len(self.images)
@@ -409,6 +421,24 @@ class PairedFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         """-> image float32 (3, S, S) in [-1, 1], mask long (S, S). Flips: per batch, flip()."""
         return to_unit(self.images[i]), self.masks[i].long()
+
+
+def _warn_rare_colours(where, data):
+    """Colour masks whose colours make many classes, or rare ones, are likely anti-aliased or
+    lossy (each blended edge colour a class): one warning line with the rarest colours."""
+    classes = data["classes"]
+    if not isinstance(classes[0]["value"], list):  # grey levels and indices are meant as given
+        return
+    share = torch.bincount(data["masks"].flatten().long(), minlength=len(classes)).double()
+    share /= share.sum()
+    rare = int((share < 0.001).sum())
+    if len(classes) > 10 or rare:
+        rarest = ", ".join(f"{classes[i]['value']} {share[i]:.3%}" for i in share.argsort()[:3])
+        print(
+            f"warning: {where}: {len(classes)} classes from the masks' colours, {rare} of them "
+            f"under 0.1 % of the pixels (rarest: {rarest}): likely anti-aliased edges or lossy "
+            "compression; list the real classes in classes.json to have other colours refused"
+        )
 
 
 def to_unit(images):
@@ -635,15 +665,18 @@ SAMPLE_FOLDERS = ("images", "masks", "masks_color")
 
 
 @contextlib.contextmanager
-def folder_lock(folder, beside=False):
+def folder_lock(folder, beside=False, scratch=()):
     """Hold an exclusive lock on folder while the `with` block runs; its lock file holds the PID.
 
-    The lock file is inside the folder (a run folder, made if absent, and removed again if the
-    block leaves it empty), or beside it (".<name>.simgen.lock", for a folder that may not be
-    SimGen's). It is removed when the block ends, so nothing is left behind. A second process
-    is refused in one line; flock is dropped by the kernel when the holder ends, however it
-    ends, so a killed run never blocks the next.
+    The lock file is inside the folder (a run folder, made if absent), or beside it
+    (".<name>.simgen.lock", for a folder that may not be SimGen's). It is removed when the block
+    ends, so nothing is left behind: nor are the files named in scratch (a run's log.csv) if the
+    folder holds nothing else then, nor the folder if this made it and it is empty. A second
+    process is refused in one line; flock is dropped by the kernel when the holder ends, however
+    it ends, so a killed run never blocks the next (kill -9 leaves its files: no code runs).
     """
+    if not beside and folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: exists and is not a folder; a run needs a folder of its own")
     made = not beside and not folder.exists()
     path = folder.parent / f".{folder.name}.simgen.lock" if beside else folder / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -666,13 +699,19 @@ def folder_lock(folder, beside=False):
             pass
         f.close()
     try:
-        f.truncate(0)  # "a+" appends: the PID is now the whole file
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        try:  # the PID, unbuffered: a full disk fails here, once, not again as the file closes
+            os.ftruncate(f.fileno(), 0)  # "a+" appends: the PID is now the whole file
+            os.write(f.fileno(), f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise DataError(f"{folder}: cannot write its lock file ({e.strerror})") from None
         yield
     finally:
         path.unlink(missing_ok=True)  # while still locked: no one can take it in between
         f.close()
+        rest = {p.name for p in folder.iterdir()} if not beside and folder.is_dir() else {"-"}
+        if rest and rest <= set(scratch):  # a run stopped before its first checkpoint
+            for name in rest:
+                (folder / name).unlink()
         if made and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
@@ -753,6 +792,20 @@ def new_sample(out, stems, classes, force):
         _remove_sample(old, earlier)
 
 
+def check_writable(path, folder=False):
+    """A one-line DataError now, before any work, if path could not be written at the end: a
+    file whose folder is missing or read-only, or (folder=True) a folder made as needed."""
+    if path.exists() and path.is_dir() != folder:
+        raise DataError(
+            f"{path}: {'not ' * folder}a folder; name a {'folder' if folder else 'file'}"
+        )
+    parent = path if folder else path.parent
+    while folder and not parent.exists():  # the folders that would be made
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise DataError(f"{path}: cannot be written ({parent} is no writable folder)")
+
+
 def write_file(path, write):
     """write(path), with an OSError (a full disk, a read-only folder) as a DataError naming path."""
     try:
@@ -766,16 +819,27 @@ def write_json(path, obj):
     write_file(path, lambda p: p.write_text(json.dumps(obj)))
 
 
-def write_pairs(out, stems, pairs, classes):
+def write_pairs(out, stems, pairs, classes, palette=None):
     """Write pairs into new_sample's folder, as lossless PNG: images/<stem>.png,
     masks/<stem>.png in the dataset's own values (a drop-in dataset) and masks_color/<stem>.png.
 
     :param pairs: images uint8 (B, 3, S, S), masks (B, S, S) class ids, colours uint8 (B, S, S, 3)
+    :param palette: a palette dataset's (PairedFolder.palette): masks are written as "P" PNGs
+        with it, their values the indices, as the dataset's own masks are
     """
     for stem, image, mask, colour in zip(stems, *pairs):
         arrays = image.permute(1, 2, 0), mask_to_values(mask, classes), colour  # (S, S, 3), ...
-        for sub, a in zip(SAMPLE_FOLDERS, arrays):  # images/, masks/, masks_color/
-            write_file(out / sub / f"{stem}.png", Image.fromarray(np.asarray(a)).save)
+        pictures = [Image.fromarray(np.asarray(a)) for a in arrays]
+        if palette is not None:  # mode L -> P, the same pixel values: the indices
+            pictures[1].putpalette(palette)
+        for sub, picture in zip(SAMPLE_FOLDERS, pictures):  # images/, masks/, masks_color/
+            write_file(out / sub / f"{stem}.png", picture.save)
+
+
+def palette_colours(masks, classes, palette):
+    """Class ids (B, S, S) -> uint8 (B, S, S, 3): each pixel in its index's palette colour."""
+    rgb = torch.tensor(palette, dtype=torch.uint8).view(-1, 3)
+    return rgb[torch.tensor([c["value"] for c in classes])][masks.long()]
 
 
 def grid(images, colours):

@@ -575,6 +575,9 @@ def load_checkpoint(path):
     except Exception as e:  # truncated, foreign or pickled-code files alike
         raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     keys = {"model", "ema", "config", "classes"}
+    if isinstance(ckpt, dict) and keys - {"ema"} <= set(ckpt) and "ema" not in ckpt:
+        why = "a segmentation network's checkpoint (segment --out), not a generator's"
+        raise data.DataError(f"{path}: {why}; give a train run's ckpt.pt or best.pt")
     if not isinstance(ckpt, dict) or ckpt.get("version") != VERSION or not keys <= set(ckpt):
         raise data.DataError(f"{path}: not a SimGen checkpoint of version {VERSION}")
     try:  # its config and weights must fit this code: Config's checks, the weights' shapes
@@ -648,7 +651,9 @@ def train(cfg, out, explicit=()):
     log = print if rank == 0 else lambda *args, **kwargs: None  # rank 0 logs and saves
     out = Path(out)
     ckpt_path, best_path, csv = out / "ckpt.pt", out / "best.pt", out / "log.csv"
-    with data.folder_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per folder
+    # One run per folder; stopped before its first checkpoint, a run leaves no log.csv behind.
+    lock = data.folder_lock(out, scratch={"log.csv"}) if rank == 0 else contextlib.nullcontext()
+    with lock:
         # Resume: the checkpoint decides every setting the user did not set.
         ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
         if ckpt is not None:
@@ -787,7 +792,7 @@ def train(cfg, out, explicit=()):
                     raise FloatingPointError(f"weights are not finite near step {done}; {kept}")
                 state = dict(model=raw.state_dict(), ema=ema.state_dict(), step=done)
                 state.update(optimizer=opt.state_dict(), config=asdict(cfg), seconds=seconds)
-                state.update(classes=ds.classes, version=VERSION)
+                state.update(classes=ds.classes, palette=ds.palette, version=VERSION)
                 state |= dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}
             if due:
                 if rank == 0:
@@ -873,7 +878,7 @@ def sample(args):
     # The checkpoint carries the config and the classes: no flags to re-type, no size mismatch.
     ckpt = load_checkpoint(args.ckpt)  # on the CPU: only the EMA weights go to the device
     cfg = replace(Config(**ckpt["config"]), sampler=args.sampler, sampler_steps=args.steps or 20)
-    classes, k = ckpt["classes"], len(ckpt["classes"])
+    classes, k, palette = ckpt["classes"], len(ckpt["classes"]), ckpt.get("palette")
     if args.sampler != "ddpm" and cfg.sampler_steps > cfg.timesteps:
         print(f"--steps {cfg.sampler_steps}: the model has T = {cfg.timesteps}; taking all of them")
     if args.given is not None and data.declared_classes(args.data):  # before decoding DATA
@@ -916,8 +921,10 @@ def sample(args):
                 pairs = generate(model, diffusion, cfg, k, b, g, known)
             images, masks, unsure = (v[:m] for v in pairs)  # the first m of b
             colours = cfl.colorize(masks, k, cfg.mask_scheme)
+            if palette is not None:  # a palette dataset's masks: its own colours, "P" PNGs
+                colours = data.palette_colours(masks, classes, palette)
             names = stems[first : first + m]
-            data.write_pairs(folder, names, (images, masks, colours), classes)
+            data.write_pairs(folder, names, (images, masks, colours), classes, palette)
             if i == 0:  # the overview: up to 16 pairs of the first batch
                 data.write_file(folder / "grid.png", data.grid(images[:16], colours[:16]).save)
             written.append((images, masks, unsure))
@@ -1011,6 +1018,9 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
     # are. FAKE first: a bad FAKE fails before the real set's features are computed.
     fake_ds = data.PairedFolder(fake, size, fake_split)
     real_ds = data.PairedFolder(real, size, real_split)
+    for ds in (fake_ds, real_ds):  # before the features: they take minutes
+        if len(ds) < 2:
+            raise data.DataError(f"{ds.root} [{ds.split}]: 1 pair; FID and KID need at least 2")
     if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
         print(f"warning: REAL and FAKE are the same images ({real}): their FID of 0 says nothing")
     fake_masks = data.match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()]
@@ -1049,6 +1059,8 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), merge=""
     ckpt_path = Path(out) / "segment.pt" if out else None
     if ckpt_path and ckpt_path.exists():
         raise data.DataError(f"{ckpt_path}: exists; choose another --out")
+    if out:  # before the work, not after it
+        data.check_writable(Path(out), folder=True)
     device, start = pick_device(), time.time()
     test = data.PairedFolder(test_root, cfg.image_size, test_split)
     # the training pairs in the test set's class ids; the first folder's subset fixed by the seed
@@ -1321,6 +1333,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     stop = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill stops as Ctrl-C does
     try:  # errors the user can fix are one line and exit status 1, never a traceback
+        if getattr(args, "json", None):  # before the work, not after it
+            data.check_writable(Path(args.json))
         if args.command == "train":
             cfg, chosen, out = train_config(args)
             train(cfg, out, explicit=chosen)
@@ -1344,7 +1358,12 @@ def main(argv=None):
         print(f"error: {f'{e.filename}: {e.strerror}' if named else e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
-        kept = "nothing is half-written, and a run goes on from its last checkpoint when rerun"
+        kept = dict(  # what is true of each command's files when it is stopped
+            train="nothing is half-written, and a run goes on from its last checkpoint when rerun",
+            sample="nothing is half-written; --out is as it was",
+            eval="no scores written; the real set's features are cached once computed in full",
+            segment="no weights or scores written; a rerun trains from the start",
+        ).get(args.command, "nothing written")
         print(f"error: interrupted; {kept}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:

@@ -578,7 +578,7 @@ def test_images_without_masks(tmp_path):
     assert (
         msg.startswith(f"{tmp_path / 'ds' / 'masks'}: ")
         and "2 of 5 images" in msg
-        and "s001, s003" in msg
+        and "s001.png, s003.png" in msg
     )
 
 
@@ -1130,6 +1130,7 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
         "step",
         "config",
         "classes",
+        "palette",
         "version",
         "seconds",
     }
@@ -2697,4 +2698,197 @@ def test_peak_flops_scale_with_the_sms_of_a_mig_slice_and_know_the_v100_pcie():
     # Oracle: the V100 PCIe's 80 SMs x 1.38 GHz x 1024 fp16 FLOPs per SM per clock
     assert simgen.peak_tflops("Tesla V100-PCIE-16GB")[0] == pytest.approx(
         80 * 1.38 * 1024 / 1e3, rel=0.02
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing lost, III: palette masks, a full disk at the start, runs stopped early, clear messages
+
+
+def palette_dataset(root, n=4, size=16):
+    """n pairs with "P" masks of indices 0-3 whose palette colours 1 and 2 are the same red
+    and 3 a near-black that sorts before it by colour; -> (root, the palette, the index arrays)"""
+    palette = [0, 0, 0, 200, 0, 0, 200, 0, 0, 0, 0, 9] + [7] * (3 * 252)
+    rng, indices = np.random.default_rng(3), []
+    for i in range(n):
+        a = rng.integers(0, 4, (size, size)).astype(np.uint8)
+        im = Image.fromarray(a, "L")
+        im.putpalette(palette)
+        write_image(root / "masks" / f"s{i:03d}.png", im)
+        write_image(
+            root / "images" / f"s{i:03d}.png", rng.integers(0, 256, (size, size, 3), np.uint8)
+        )
+        indices.append(a)
+    return root, palette, np.stack(indices)
+
+
+def test_palette_masks_are_read_by_index_and_sampled_back_as_palette_pngs(tmp_path, capsys):
+    root, palette, indices = palette_dataset(tmp_path / "voc")
+    d = PairedFolder(root, 16, "all")
+    # Oracle: the files' own indices. Read by colour, 1 and 2 merged and 3 sorted before 1.
+    assert [c["value"] for c in d.classes] == [0, 1, 2, 3] and d.palette == palette
+    assert np.array_equal(d.masks.numpy(), indices)
+    ckpt = simgen.train(tiny(steps=2, data=str(root)), tmp_path / "run")
+    gen = sample(ckpt, tmp_path / "gen", "--n", "3")
+    for i in range(3):
+        with Image.open(gen / "masks" / f"{i:05d}.png") as im:
+            assert im.mode == "P" and im.getpalette() == palette
+            values = np.asarray(im)
+        with Image.open(gen / "masks_color" / f"{i:05d}.png") as im:  # the palette's colours
+            assert np.array_equal(np.asarray(im), np.array(palette).reshape(-1, 3)[values])
+    back = PairedFolder(gen, 16, "all")  # the dataset's reader reads them unchanged
+    assert back.classes == d.classes and back.palette == palette
+    # an index past the palette is a line, not a silent class
+    im = Image.fromarray(np.full((16, 16), 9, np.uint8), "L")  # a 4-bit PNG: 16 indices, 5 colours
+    im.putpalette([0, 0, 0, 9, 9, 9] * 2 + [1, 2, 3])
+    write_image(root / "masks" / "s001.png", im)
+    assert load_error(root, 16).endswith("s001.png: palette index 9 past its 5-colour palette")
+
+
+def test_a_full_disk_at_the_start_is_one_line_naming_the_folder_and_leaves_nothing(
+    tiny_ckpt, tmp_path
+):
+    # A real refusal of every write by the kernel (a file-size limit of 0 bytes, the signal
+    # ignored: writes fail as on a full disk, here with EFBIG), for train and sample.
+    import resource
+
+    def no_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    commands = [
+        ["train", "synthetic", "--preset", "tiny", "--out", str(run)],
+        ["sample", str(tiny_ckpt), "--out", str(out), "--n", "2"],
+    ]
+    for argv, folder in zip(commands, (run, out)):
+        done = subprocess.run(
+            [sys.executable, "simgen.py", *argv],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            preexec_fn=no_writes,
+            env=dict(os.environ, SIMGEN_CACHE=str(tmp_path / "cache")),
+        )
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr == f"error: {folder}: cannot write its lock file (File too large)\n"
+        assert list(tmp_path.iterdir()) == []  # nothing left, nor a cache: it failed first
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys):
+    argv = ["train", "synthetic", "--preset", "tiny", "--ckpt-every", "100", "--log-every", "1"]
+    for how in ("ctrl-c", "kill"):
+        monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", stop_at_step_3(how))
+        with pytest.raises(SystemExit):
+            simgen.main(argv + ["--out", str(tmp_path / how)])
+        assert not (tmp_path / how).exists()
+    # a folder of the user's stays, as empty as it was
+    (tmp_path / "mine").mkdir()
+    monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", stop_at_step_3("ctrl-c"))
+    with pytest.raises(SystemExit):
+        simgen.main(argv + ["--out", str(tmp_path / "mine")])
+    assert list((tmp_path / "mine").iterdir()) == [] and capsys.readouterr()
+    monkeypatch.undo()
+    # a full disk at the first checkpoint: the same
+    monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(simgen.torch, "save", fail_on(torch.save, 1, RuntimeError("write failed")))
+    err = cli_error(argv[:4] + ["--steps", "2", "--out", str(tmp_path / "full")], capsys)
+    assert "not saved" in err and not (tmp_path / "full").exists()
+
+
+def test_macos_companion_files_are_skipped_as_hidden_files_are(tmp_path):
+    root = make_dataset(tmp_path / "ds", [np.zeros((8, 8), np.uint8)] * 2)
+    for sub in ("images", "masks"):  # AppleDouble files: not images at all
+        (root / sub / "._s000.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+    (root / "images" / ".hidden.png").write_bytes(b"not a png")
+    assert PairedFolder(root, 8, "all").stems == ["s000", "s001"]
+
+
+def test_unpaired_files_name_a_few_of_each_side(tmp_path):
+    root = make_dataset(tmp_path / "ds", [np.zeros((4, 4), np.uint8)] * 3)
+    for p in sorted((root / "masks").iterdir()):
+        p.rename(p.with_name(f"{p.stem}_mask.png"))
+    msg = load_error(root, 4)
+    assert msg == (
+        f"{root / 'masks'}: nothing for 3 of 3 images (e.g. s000.png, s001.png, s002.png; "
+        "masks/ holds e.g. s000_mask.png, s001_mask.png, s002_mask.png)"
+    )
+    (root / "images" / "s000.png").rename(root / "images" / "s000.jpg")
+    Image.new("RGB", (4, 4)).save(root / "images" / "s000.png")
+    assert load_error(root, 4).endswith("1 stems have two files (e.g. s000.jpg, s000.png)")
+
+
+def test_anti_aliased_colour_masks_are_warned_about_once(tmp_path, capsys):
+    masks, _ = _colour_masks()
+    PairedFolder(make_dataset(tmp_path / "clean", masks), 8, "all")
+    assert "warning" not in capsys.readouterr().out
+    # a red disc on black, drawn with blended edges: a dozen edge colours, each a few pixels
+    y, x = np.mgrid[:64, :64]
+    cover = np.clip((20 - np.hypot(y - 32, x - 32)) / 3, 0, 1)  # 0..1 over a 3-pixel edge
+    levels = np.round(cover * 20) / 20
+    disc = (np.stack([levels * 255, levels * 0, levels * 0], -1)).astype(np.uint8)
+    d = PairedFolder(make_dataset(tmp_path / "aa", [disc, disc]), 64, "all")
+    out = capsys.readouterr().out
+    assert d.num_classes > 10 and out.count("warning") == 1
+    assert f"warning: {tmp_path / 'aa' / 'masks'}: {d.num_classes} classes from the masks'" in out
+    (tmp_path / "aa" / "classes.json").write_text(json.dumps({"bg": [0, 0, 0], "red": [255, 0, 0]}))
+    assert "are not in" in load_error(tmp_path / "aa", 64)  # declared: refused, no warning
+
+
+def test_eval_and_segment_check_sizes_and_outputs_before_the_work(tmp_path, stand_in, capsys):
+    real = make_squares(tmp_path / "real", 4, 32, seed=0)
+    one = make_squares(tmp_path / "one", 1, 32, seed=1)
+    err = cli_error(["eval", str(real), str(one)], capsys)
+    assert err == f"error: {one} [all]: 1 pair; FID and KID need at least 2\n"
+    (tmp_path / "file").write_text("x")
+    for argv in (
+        ["eval", str(real), str(real), "--json", str(tmp_path / "file" / "s.json")],
+        ["segment", str(real), "--test", str(real), "--out", str(tmp_path / "file" / "seg")],
+        ["segment", str(real), "--test", str(real), "--json", str(tmp_path)],
+    ):
+        err = cli_error(argv + ["--real-split" if argv[0] == "eval" else "--steps", "1"], capsys)
+        assert "cannot be written" in err or "not a file" in err or "a folder" in err, err
+    out = capsys.readouterr().out
+    assert "features" not in out and "step 1" not in out  # refused before the work
+
+
+def test_wrong_files_for_checkpoints_and_run_folders_say_what_they_are(tmp_path, capsys):
+    real = make_squares(tmp_path / "real", 4, 32, seed=0)
+    args = ["segment", str(real), "--test", str(real), "--test-split", "all", "--steps", "1"]
+    simgen.main(args + ["--image-size", "16", "--out", str(tmp_path / "seg")])
+    err = cli_error(["sample", str(tmp_path / "seg" / "segment.pt")], capsys)
+    assert "a segmentation network's checkpoint (segment --out), not a generator's" in err
+    (tmp_path / "afile").write_text("x")
+    err = cli_error(
+        ["train", "synthetic", "--preset", "tiny", "--out", str(tmp_path / "afile")], capsys
+    )
+    want = "exists and is not a folder; a run needs a folder of its own"
+    assert err == f"error: {tmp_path / 'afile'}: {want}\n"
+
+
+def test_classes_json_with_a_byte_order_mark_is_read(tmp_path):
+    root = make_dataset(tmp_path / "ds", [np.array([[0, 255]] * 2, np.uint8)])
+    (root / "classes.json").write_bytes('{"polyp": 255, "background": 0}'.encode("utf-8-sig"))
+    assert [c["name"] for c in PairedFolder(root, 2, "all").classes] == ["polyp", "background"]
+
+
+def test_ctrl_c_says_what_is_true_for_each_command(tmp_path, stand_in, monkeypatch, capsys):
+    real = make_squares(tmp_path / "real", 4, 32, seed=0)
+    stop = fail_on(metrics.dataset_features, 2, KeyboardInterrupt())  # the fake set's features
+    monkeypatch.setattr(metrics, "dataset_features", stop)
+    with pytest.raises(SystemExit):
+        simgen.main(["eval", str(real), str(real), "--real-split", "all"])
+    err = capsys.readouterr().err
+    assert (
+        err == "error: interrupted; no scores written; the real set's features are cached "
+        "once computed in full\n"
+    )
+    monkeypatch.setattr(
+        simgen.F, "cross_entropy", fail_on(nn.functional.cross_entropy, 1, KeyboardInterrupt())
+    )
+    with pytest.raises(SystemExit):
+        simgen.main(["segment", str(real), "--test", str(real), "--test-split", "all"])
+    err = capsys.readouterr().err
+    assert (
+        err == "error: interrupted; no weights or scores written; a rerun trains from the start\n"
     )
