@@ -128,3 +128,8 @@ def colorize(mask: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     # [-1, 1] -> 0..255 as data.to_uint8 maps images; written out so that cfl.py stands alone
     rgb = ((palette(n, scheme) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return rgb.to(mask.device)[mask.long()]
+
+
+def decode_colours(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
+    """A code image (..., 3, H, W) -> the colours of the classes it decodes to (..., H, W, 3)."""
+    return colorize(decode(x, n, scheme), n, scheme)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from functools import partial
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test", "all")
@@ -767,7 +768,7 @@ def new_sample(out, stems, classes, force):
     """
     _sample_files(out, force)
     files = [f"{sub}/{stem}.png" for sub in SAMPLE_FOLDERS for stem in stems]
-    files += ["grid.png", "annotations.json", "classes.json"]
+    files += ["grid.png", "annotations.json", "classes.json", "trajectory.png"]
     partial, old = (out.parent / f".{out.name}.simgen-{k}" for k in ("partial", "old"))
     for folder in (partial, old):  # a killed sample's: its own files only
         if folder.is_dir():
@@ -792,18 +793,80 @@ def new_sample(out, stems, classes, force):
         _remove_sample(old, earlier)
 
 
-def check_writable(path, folder=False):
-    """A one-line DataError now, before any work, if path could not be written at the end: a
-    file whose folder is missing or read-only, or (folder=True) a folder made as needed."""
-    if path.exists() and path.is_dir() != folder:
-        raise DataError(
-            f"{path}: {'not ' * folder}a folder; name a {'folder' if folder else 'file'}"
-        )
-    parent = path if folder else path.parent
-    while folder and not parent.exists():  # the folders that would be made
+def check_writable(path, flag, made=False):
+    """A one-line DataError now, before any work, if the file path (given by flag) could not be
+    written at the end: it is a folder (or, made, already there), or its folder is missing or
+    not writable; made: its folders are made as needed."""
+    if path.is_dir() or (made and path.exists()):
+        why = "is a folder" if path.is_dir() else "exists"
+        raise DataError(f"{path}: {why}; choose another {flag}")
+    parent = path.parent
+    while made and not parent.exists():  # the folders that would be made
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise DataError(f"{path}: cannot be written ({parent} is no writable folder)")
+
+
+def eval_sets(real, fake, size=None, real_split="all", fake_split="all"):
+    """eval's REAL and FAKE pairs at one size, checked before any feature is computed (they take
+    minutes): -> their PairedFolders and FAKE's masks in REAL's class ids (matched by value).
+    size None: FAKE's own image size (256 if its sizes differ). Real images get the training's
+    resize and crop; fake ones at their own size stay as they are. FAKE first: it fails first."""
+    for root in (real, fake):
+        check_root(root)
+    size = size or folder_image_size(fake)
+    if size is None:
+        size = 256
+        print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
+    if size < 16:
+        print(f"warning: --image-size {size}: too few pixels for the Inception to tell apart")
+    fake_ds, real_ds = PairedFolder(fake, size, fake_split), PairedFolder(real, size, real_split)
+    for ds in (fake_ds, real_ds):
+        if len(ds) < 2:
+            raise DataError(f"{ds.root} [{ds.split}]: 1 pair; FID and KID need at least 2")
+    if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
+        print(f"warning: REAL and FAKE are the same images ({real}): their FID of 0 says nothing")
+    return (
+        real_ds,
+        fake_ds,
+        match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()],
+    )
+
+
+def features_cache(ds):
+    """The cache (cached) of the Inception features of a PairedFolder, for metrics.score: its
+    file named by the folder's path, split and size; metrics.score keys it by the content."""
+    where = Path(ds.root).resolve()
+    name = f"eval-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
+    return partial(cached, f"{name}-{ds.split}-{ds.images.shape[-1]}")
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then rename: a crash or a full disk never leaves half a
+    checkpoint, and the one before stays whole. A failed write is a one-line DataError."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
+        weights = sum(t.nbytes for t in state["model"].values())  # + EMA and Adam's 2 moments
+        need = weights * (1 + ("ema" in state) + 2 * ("optimizer" in state))
+        free = shutil.disk_usage(path.parent).free
+        why = "no space left on its device" if free < need else str(e).strip().splitlines()[-1]
+        space = f"about {need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free"
+        raise DataError(f"{path}: not saved: {why} ({space})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resume_log(path, step, columns):
+    """A run's log.csv (path) as of its checkpoint at step: the header, then the rows up to step;
+    the rows past it, of a run stopped after its checkpoint, go. Columns missing from an older
+    log's rows are added empty."""
+    rows = path.read_text().splitlines()[1:] if path.exists() else []
+    rows = [r for r in rows if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
+    rows = [r + "," * (len(columns) - 1 - r.count(",")) for r in rows]
+    path.write_text("".join(f"{r}\n" for r in [",".join(columns), *rows]))
 
 
 def write_file(path, write):
@@ -842,24 +905,86 @@ def palette_colours(masks, classes, palette):
     return rgb[torch.tensor([c["value"] for c in classes])][masks.long()]
 
 
+def triplets(images, colours):
+    """Pairs as image | coloured mask | overlay, side by side: how every picture of pairs here is
+    drawn. images uint8 (B, 3, S, S), colours uint8 (B, S, S, 3) -> uint8 (B, S, 3S, 3)"""
+    images = images.permute(0, 2, 3, 1)  # (B, S, S, 3)
+    overlay = ((images.float() + colours.float()) / 2).round().to(torch.uint8)
+    return torch.cat([images, colours, overlay], 2)
+
+
+def _tile(cells, cols, zoom, pad=2):
+    """uint8 cells (N, h, w, 3) in rows of cols with white pad-pixel gaps, each pixel zoom x zoom
+    -> uint8 (H, W, 3)"""
+    n, h, w = cells.shape[:3]
+    rows = math.ceil(n / cols)
+    canvas = torch.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=torch.uint8)
+    for k in range(n):
+        y, x = pad + k // cols * (h + pad), pad + k % cols * (w + pad)
+        canvas[y : y + h, x : x + w] = cells[k]
+    return canvas.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+
+
 def grid(images, colours):
     """A picture of pairs, each as image | coloured mask | overlay, in a near-square layout.
 
     :param images: uint8 (B, 3, S, S); colours: uint8 (B, S, S, 3), e.g. cfl.colorize's
     :return: PIL.Image; small samples are enlarged (nearest) to be seen
     """
-    images = images.permute(0, 2, 3, 1)  # (B, S, S, 3)
-    overlay = ((images.float() + colours.float()) / 2).round().to(torch.uint8)
-    triplets = torch.cat([images, colours, overlay], 2)  # (B, S, 3S, 3)
-    b, s, w = triplets.shape[:3]
-    cols, pad = math.ceil(math.sqrt(b)), 2  # white 2-pixel gaps
-    rows = math.ceil(b / cols)
-    canvas = torch.full((rows * (s + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=torch.uint8)
-    for k in range(b):
-        y, x = pad + k // cols * (s + pad), pad + k % cols * (w + pad)
-        canvas[y : y + s, x : x + w] = triplets[k]
-    zoom = max(1, 128 // s)
-    return Image.fromarray(canvas.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1).numpy())
+    cells = triplets(images, colours)
+    zoom = max(1, 128 // cells.shape[1])
+    return Image.fromarray(_tile(cells, math.ceil(math.sqrt(len(cells))), zoom).numpy())
+
+
+def trajectory(frames, final, decode, given=None, forward=None):
+    """The picture of the joint denoising (sample --trajectory): a column per recorded step t,
+    from T down, the sampled pairs last; per pair three rows: x_t (its image channels, its mask
+    code as colour), the x_0 it implies, and that x_0's code decoded; above them, forward: a
+    real pair noised at the same steps.
+
+    :param frames: {t: (x_t, x_0)}, each float (B, 6, S, S) in about [-1, 1], codes last; code t
+        is the paper's t + 1
+    :param final: the sampled pairs, images uint8 (B, 3, S, S) and colours uint8 (B, S, S, 3)
+    :param decode: code (N, 3, S, S) -> the colours of the classes it decodes to (N, S, S, 3)
+    :param given: conditional sampling's (x (B, 6, S, S), keep (1, 6, 1, 1) bool): shown as given
+    :param forward: float (C + 1, 6, S, S): the real pair's x_t at the C steps, then its x_0
+    :return: PIL.Image
+    """
+    ts = sorted(frames, reverse=True)
+    x, x0 = (torch.stack([frames[t][j] for t in ts], 1) for j in (0, 1))  # (B, C, 6, S, S)
+    if given is not None:
+        x, x0 = (torch.where(given[1], given[0][:, None], v) for v in (x, x0))
+    labels = [f"t = {t + 1}" for t in ts] + ["x_0"]
+
+    def row(v, colours, last):  # (C, 6, S, S) -> a row of triplets, with last at its end
+        return torch.cat([to_uint8(v[:, :3]), last[0]]), torch.cat([colours, last[1]])
+
+    def code(v):  # the code channels as a picture
+        return to_uint8(v[:, 3:]).permute(0, 2, 3, 1)
+
+    rows, names = [], []
+    if forward is not None:
+        last = to_uint8(forward[-1:, :3]), code(forward[-1:])
+        rows += [row(forward[:-1], code(forward[:-1]), last)]
+        rows += [row(forward[:-1], decode(forward[:-1, 3:]), (last[0], decode(forward[-1:, 3:])))]
+        names += ["real pair x_t", "decoded"]
+    for p in range(len(x)):
+        last = final[0][p : p + 1], final[1][p : p + 1]
+        rows += [row(x[p], code(x[p]), last), row(x0[p], code(x0[p]), last)]
+        rows += [row(x0[p], decode(x0[p][:, 3:]), last)]
+        names += [f"pair {p + 1}: x_t", "x_0 guess", "decoded"]
+    cells = torch.cat([triplets(images, colours) for images, colours in rows])
+    s, zoom = cells.shape[1], max(1, 64 // cells.shape[1])
+    body = Image.fromarray(_tile(cells, len(labels), zoom).numpy())
+    left, top, step = 6 * max(map(len, names)) + 8, 16, (3 * s + 2) * zoom  # the text's margins
+    picture = Image.new("RGB", (body.width + left, body.height + top), "white")
+    picture.paste(body, (left, top))
+    draw = ImageDraw.Draw(picture)  # PIL's built-in bitmap font: no font files needed
+    for c, label in enumerate(labels):
+        draw.text((left + 2 * zoom + c * step, 3), label, fill="black")
+    for r, name in enumerate(names):
+        draw.text((4, top + r * (s + 2) * zoom + (s + 2) * zoom // 2 - 5), name, fill="black")
+    return picture
 
 
 # ------------------------------------------------------------------------- built-in synthetic data

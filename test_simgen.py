@@ -2473,7 +2473,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last(tmp_path, mo
         return real_save(state, path)
 
     monkeypatch.setattr(simgen.torch, "save", full)
-    monkeypatch.setattr(simgen.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 1))
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 1))
     err = cli_error(
         ["train", "synthetic", "--preset", "tiny", "--steps", "6", "--ckpt-every", "2"]
         + ["--log-every", "2", "--out", str(tmp_path / "run")],
@@ -2890,5 +2890,6 @@ def test_ctrl_c_says_what_is_true_for_each_command(tmp_path, stand_in, monkeypat
         simgen.main(["segment", str(real), "--test", str(real), "--test-split", "all"])
     err = capsys.readouterr().err
     assert (
-        err == "error: interrupted; no weights or scores written; a rerun trains from the start\n"
+        err
+        == "error: interrupted; no weights or scores written; a rerun starts from the beginning\n"
     )
