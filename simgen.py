@@ -179,8 +179,7 @@ class ResUNet(nn.Module):
     :param cfg: Config; base_channels * channel_mults give each level's width
     :param in_channels, out_channels: 6 and 6 for SimGen (image + CFL mask in, eps out)
     :param time_embedding: False builds the same net without t, e.g. as a segmentation network
-    forward(x (B, in, H, W), t (B,) long in {0..T-1} or None) -> (B, out, H, W)
-    """
+    forward(x (B, in, H, W), t (B,) long in {0..T-1} or None) -> (B, out, H, W)"""
 
     def __init__(self, cfg, in_channels=6, out_channels=6, time_embedding=True):
         super().__init__()
@@ -255,8 +254,7 @@ class GaussianDiffusion:
     """The DDPM forward and reverse processes, named as in improved-diffusion.
     Timesteps: code t in {0..T-1} is the paper's t in {1..T}; t = 0 is the last denoising step.
     Schedules are computed in float64 and stored as float32 tensors (T,) indexed by t.
-    The model is passed to each method: model(x_t (B, C, H, W), t (B,)) -> eps (B, C, H, W).
-    """
+    The model is passed to each method: model(x_t (B, C, H, W), t (B,)) -> eps (B, C, H, W)."""
 
     def __init__(self, T=250, schedule="linear"):
         self.num_timesteps = T
@@ -359,8 +357,7 @@ class GaussianDiffusion:
         """One DDIM step (Song et al. 2021, Eq. 12) from t to t_prev < t; t_prev None gives x_0.
 
         Deviation: an extension, not in the paper (which samples with DDPM); with every step and
-        eta = 1 it is DDPM Algorithm 2 again. eta = 0 draws no noise: deterministic given x_T.
-        """
+        eta = 1 it is DDPM Algorithm 2 again. eta = 0 draws no noise: deterministic given x_T."""
         out = self.p_mean_variance(model, x, t)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])  # of the clipped x_0
         a_t, a_prev = self._extract(self.alphas_cumprod, t, x), torch.ones(())  # 1: at x_0
@@ -384,8 +381,7 @@ class GaussianDiffusion:
         diffusers' "sde-dpmsolver++"); its first-order step is DDPM's posterior sample, and the
         noise corrects errors of the network that the ODE keeps.
         :param previous: (x_theta, lambda) of the step before, or None
-        :return: (x_{t_prev}, (x_theta, lambda) of this step for the next one)
-        """
+        :return: (x_{t_prev}, (x_theta, lambda) of this step for the next one)"""
         x0 = self.p_mean_variance(model, x, t)["pred_xstart"]  # x_theta(x_t, t), in [-1, 1]
         a_bar = self._extract(self.alphas_cumprod, t, x)
         lam = 0.5 * (a_bar / (1 - a_bar)).log()  # lambda_t = log(a_t / s_t)
@@ -572,11 +568,9 @@ def load_checkpoint(path):
 
 
 def pick_device(name=None):
-    """torch.device(name); without one, this process's GPU (LOCAL_RANK under torchrun) if there
-    is one, else the CPU."""
-    name = name or (
-        f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    )
+    """torch.device(name); without one, this process's GPU (LOCAL_RANK, torchrun) or the CPU."""
+    if name is None:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -591,8 +585,8 @@ def pick_device(name=None):
 
 def speedups(cfg, device, explicit=()):
     """The GPU switches a run uses -> (autocast dtype or None, compile, channels_last): cfg's on
-    CUDA, on a CPU only those in explicit (flags given). bf16, or fp16 (with a GradScaler) on
-    GPUs older than compute capability 8.0 (the paper's V100): they have fp16 tensor cores only."""
+    CUDA, on a CPU those in explicit (flags given). fp16 (with a GradScaler) on GPUs before
+    compute capability 8.0 (the paper's V100, fp16 tensor cores only), else bf16."""
     on = [getattr(cfg, k) and (device.type == "cuda" or k in explicit) for k in SPEED_FIELDS]
     # Deviation: mixed precision by default on CUDA (the paper does not state its precision)
     old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
@@ -605,8 +599,8 @@ def autocast(amp, device):  # autocast to amp (bf16, fp16) on the device; fp32 i
 
 
 def sampling_model(model, fast):
-    """The model as the samplers call it: channels_last and compiled when speedups() say so
-    (default mode: a U-Net call on 16 pairs at 256² is 2.8 TFLOP, CUDA graphs would gain little)."""
+    """The model as the samplers call it: channels_last and compiled (default mode: a U-Net call on
+    16 pairs at 256² is 2.8 TFLOP, CUDA graphs would gain little) when speedups() say so."""
     if fast[2]:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model, dynamic=False) if fast[1] else model  # one shape: batches padded
@@ -614,10 +608,8 @@ def sampling_model(model, fast):
 
 def train(cfg, out, explicit=()):
     """Train SimGen on cfg.data in run folder out, resuming out/ckpt.pt if it is there -> its path.
-
-    :param explicit: the Config fields the user set (preset or flag). On resume they must agree
-        with the checkpoint's, except the RESUMABLE ones; on a CPU only they turn GPU switches on.
-    """
+    explicit: the Config fields the user set (preset or flag): on resume they must agree with the
+    checkpoint's, but the RESUMABLE ones; on a CPU only they turn GPU switches on."""
     data.check_root(cfg.data)  # before the run folder is made
     # Several GPUs: DDP under torchrun, each rank with its share of every global batch.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -658,8 +650,7 @@ def train(cfg, out, explicit=()):
             raise data.DataError(f"{cfg.data}: its classes differ from those {ckpt_path} has")
         ds.images, ds.masks, k = ds.images.to(device), ds.masks.to(device), ds.num_classes
         if cfg.eval_every and rank == 0:  # the curve's yardstick: the val split, the Inception
-            val = data.PairedFolder(cfg.data, cfg.image_size, "val")
-            inception = metrics.load_inception()
+            yardstick = data.PairedFolder(cfg.data, cfg.image_size, "val"), metrics.load_inception()
         fast = amp, compiled, channels_last = speedups(cfg, device, explicit)
         shown = {k: v for k, v in asdict(cfg).items() if k not in SPEED_FIELDS}  # per device:
         log("config " + " ".join(f"{k}={v}" for k, v in shown.items()))  # see the next lines
@@ -777,10 +768,11 @@ def train(cfg, out, explicit=()):
                 colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
                 data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
             if scored and rank == 0:  # the training curve: the EMA's pairs against the val split
-                scores = sample_scores(grid_model, diffusion, cfg, k, (val, inception), amp)
+                scores = sample_scores(grid_model, diffusion, cfg, k, yardstick, amp)
                 got = " ".join(f"{n} {metrics.fmt(v, 4)}" for n, v in scores.items())
                 better = scores["fid"] < best
-                log(f"step {done}: {got} ({cfg.eval_n} pairs vs {len(val)} val{', best' * better})")
+                of = f"{cfg.eval_n} pairs vs {len(yardstick[0])} val"
+                log(f"step {done}: {got} ({of}{', best' * better})")
                 if better:  # the best FID's weights, kept as atomically as ckpt.pt
                     best = scores["fid"]
                     data.save_checkpoint(best_path, state | dict(scores=scores))
@@ -809,10 +801,9 @@ def train(cfg, out, explicit=()):
 
 @torch.no_grad()
 def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
-    """n pairs from noise with cfg.sampler and cfg.sampler_steps (DDPM Algorithm 2 by default),
-    every draw from generator, masks decoded (§3.4); known: conditional sampling (sample_loop).
-    -> images uint8 (n, 3, S, S), masks long (n, S, S) class ids, and the mask pixels whose code
-    was ambiguous (cfl.ambiguous) bool (n, S, S); all on the CPU"""
+    """n pairs from noise by cfg.sampler (DDPM Algorithm 2 by default), every draw from generator,
+    masks decoded (§3.4); known: conditional sampling (sample_loop). -> images uint8 (n, 3, S, S),
+    masks long (n, S, S) class ids, the pixels of ambiguous codes bool (n, S, S), on the CPU"""
     shape, shown = (n, 6, cfg.image_size, cfg.image_size), [time.time()]
 
     def network(x, t):  # the model, and a progress line every 10 s of sampling
@@ -831,10 +822,9 @@ def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
 
 
 def sample(args):
-    """The sample command (args: its flags): pairs from a checkpoint's EMA weights in args.out:
-    images/, masks/ (the dataset's own values) and classes.json, which data.PairedFolder reads
-    back with the training's class ids; masks_color/, grid.png and annotations.json (COCO: the
-    paper's "coordinate extraction"). args.given: each pair of args.data's split keeps that half."""
+    """The sample command (args: its flags): pairs from a checkpoint's EMA weights in args.out as
+    a dataset (data.new_sample: images/, masks/ in the dataset's own values, classes.json), and
+    COCO's annotations.json (the paper's "coordinate extraction"); --given: conditional."""
     for name, least in (("n", 1), ("batch_size", 1), ("steps", 1), ("seed", 0), ("resample", 1)):
         value = getattr(args, name)
         if value is not None and value < least:
@@ -843,8 +833,6 @@ def sample(args):
         raise ValueError("--steps: ddpm takes all T steps; --sampler ddim, dpm++, dpm++sde take K")
     if (args.given is None) != (args.data is None) and not (args.data and args.trajectory):
         raise ValueError("--given and --data go together (or --data with --trajectory)")
-    if args.data is not None:
-        data.check_root(args.data)
     out, device = Path(args.out), pick_device()
     # The checkpoint carries the config and the classes: no flags to re-type, no size mismatch.
     ckpt = load_checkpoint(args.ckpt)  # on the CPU: only the EMA weights go to the device
@@ -919,7 +907,7 @@ def sample(args):
                     real = torch.cat([diffusion.q_sample(x0.expand_as(noise), ts, noise), x0]).cpu()
                 given = known and (known.x[:4].cpu(), known.keep.cpu())  # shown as given
                 final = images[:4], cfl.colorize(masks[:4], k, cfg.mask_scheme)
-                decode = partial(cfl.decode_colours, n=k, scheme=cfg.mask_scheme)
+                decode = partial(cfl.decode_colours, n=k, scheme=cfg.mask_scheme)  # code -> colours
                 picture = data.trajectory(frames, final, decode, given, real)
                 data.write_file(folder / "trajectory.png", picture.save)
             written.append((images, masks, unsure))
@@ -931,10 +919,9 @@ def sample(args):
     radius = cfl.min_distance(k, cfg.mask_scheme) / 2  # half the smallest distance of two codes
     print(f"{unsure.float().mean():.2%} of mask pixels ambiguous (> {radius:.3f} from all codes)")
     if args.given == "images":  # image -> mask is segmentation: scored against the truth
-        accuracy = (masks == truth).float().mean().item()
-        table = metrics.iou_report(masks, truth, classes)[2]
+        accuracy, table = (masks == truth).float().mean(), metrics.iou_report(masks, truth, classes)
         print(f"image -> mask against {args.data} [{args.split}]: pixel accuracy {accuracy:.3f}")
-        print(table)
+        print(table[2])
     elif args.given == "masks" and data.synthetic_classes(args.data) is not None:
         real = ds.images[:n], ds.masks[:n]  # the built-in set's colours tell each pixel's class
         alignment = data.alignment_report(images, masks, data.synthetic_classes(args.data), real)
@@ -974,9 +961,9 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
     scores, how = metrics.score(inception, real_pairs, fake_pairs, *how)
     for row in scores["per_class"]:  # each class's name and mask value beside its id
         row.update({k: real_ds.classes[row["class"]][k] for k in ("name", "value")})
-    size = real_ds.images.shape[-1]
-    print(f"{real} [{real_split}]: Inception features {how}")
-    print(f"{metrics.report(scores)}\n({size}x{size} images, {time.time() - start:.0f}s)")
+    size, took = real_ds.images.shape[-1], time.time() - start
+    print(f"{real} [{real_split}]: Inception features {how}\n{metrics.report(scores)}")
+    print(f"({size}x{size} images, {took:.0f}s)")
     k = data.synthetic_classes(real)
     if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
         aligned = data.alignment_score(fake_ds.images, fake_masks, k)
@@ -1103,9 +1090,9 @@ def bench_step(cfg, fast, ds, diffusion):
 
 
 def bench(config=None, repeats=None, profile=False):
-    """What a user sizes a GPU job by -> dict: train's step (paper config; demo on a CPU) in fp32,
-    and on CUDA as train runs it, also at batch 64 and autotuned (img/s, MFU: counted FLOPs per
-    second over the peak, peak memory); seconds for 16 pairs per sampler; profile: the last."""
+    """What a user sizes a job by -> dict: train's step (paper config; demo on a CPU) in fp32 and
+    bf16, on CUDA as train runs it too (img/s, MFU: counted FLOPs per second over the peak, peak
+    memory), at batch 64 and autotuned; seconds for 16 pairs per sampler; profile: the last."""
     started, device = time.time(), pick_device()
     cuda = device.type == "cuda"
     config, repeats = config or ("paper" if cuda else "small"), repeats or (10 if cuda else 3)
@@ -1150,9 +1137,7 @@ def bench(config=None, repeats=None, profile=False):
         print(f"  {label:<34}{f'{batch / seconds:.1f} img/s':>14}  {note}", flush=True)
     res["train_flops_per_step"] = flops * b
     if profile:  # three steps of the last variant, by their own time on the device (or host)
-        kinds = [torch.profiler.ProfilerActivity.CPU]
-        kinds += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
-        with torch.profiler.profile(activities=kinds) as prof:
+        with torch.profiler.profile() as prof:  # the host's activity, and CUDA's if present
             timed(step, 3, warmup=False)
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         res["profile"] = prof.key_averages().table(sort_by=sort, row_limit=10)

@@ -2893,3 +2893,58 @@ def test_ctrl_c_says_what_is_true_for_each_command(tmp_path, stand_in, monkeypat
         err
         == "error: interrupted; no weights or scores written; a rerun starts from the beginning\n"
     )
+
+
+# ------------------------------------------------------------------------------------------
+# For a lecture: the denoising as a picture (sample --trajectory)
+
+
+def tile(picture, columns, row, column, part, s=16, zoom=4):
+    """One S x S picture of trajectory.png (row, column; part 0 image, 1 mask, 2 overlay), found
+    from the layout: the body is the right-hand part, columns of triplets with 2-pixel gaps."""
+    a = np.asarray(picture)
+    left = a.shape[1] - (columns * (3 * s + 2) + 2) * zoom  # the names' margin; 16: the labels'
+    y, x = 16 + (2 + row * (s + 2)) * zoom, left + (2 + column * (3 * s + 2) + part * s) * zoom
+    return a[y : y + s * zoom : zoom, x : x + s * zoom : zoom]
+
+
+@pytest.mark.parametrize("sampler", simgen.SAMPLERS)
+def test_trajectory_draws_the_steps_and_leaves_the_samples_as_they_are(
+    tiny_ckpt, tmp_path, sampler
+):
+    steps = [] if sampler == "ddpm" else ["--steps", "5"]
+    flags = ["--n", "3", "--batch-size", "2", "--seed", "4", "--sampler", sampler, *steps]
+    plain = sample(tiny_ckpt, tmp_path / "plain", *flags)
+    drawn = sample(tiny_ckpt, tmp_path / "drawn", *flags, "--trajectory")
+    for sub in ("images", "masks"):  # the same pairs, file for file: recording draws nothing
+        assert folder_bytes(plain / sub) == folder_bytes(drawn / sub)
+    picture = Image.open(drawn / "trajectory.png")
+    # 8 steps of T = 50 for ddpm, all 5 of the others, then the sampled pair; 3 rows for each
+    # of the 2 pairs of the first batch, 72 pixels each (16 + 2, zoomed 4x), 16 for the labels
+    columns = (8 if sampler == "ddpm" else 5) + 1
+    assert picture.height == 16 + 2 * 3 * 72 + 8
+    assert (columns * 50 + 2) * 4 < picture.width < (columns * 50 + 2) * 4 + 120
+    first = np.asarray(Image.open(drawn / "images" / "00000.png"))
+    assert np.array_equal(tile(picture, columns, 0, columns - 1, 0), first)  # x_0 last
+    if sampler == "ddpm":  # at t = 1 DDPM's step is x_0's guess itself (coef1 1, coef2 0)
+        assert np.array_equal(tile(picture, columns, 1, columns - 2, 0), first)
+    assert not np.array_equal(tile(picture, columns, 1, 0, 0), first)  # at t = T: far from it
+
+
+def test_trajectory_shows_a_given_half_as_given_and_the_forward_process_above(
+    tiny_ckpt, tmp_path, capsys
+):
+    flags = ["--n", "2", "--data", "synthetic", "--trajectory", "--sampler", "ddim", "--steps", "4"]
+    out = sample(tiny_ckpt, tmp_path / "given", *flags, "--given", "images")
+    picture = Image.open(out / "trajectory.png")
+    assert picture.height == 16 + (2 + 2 * 3) * 72 + 8  # the real pair's 2 rows, then 2 pairs
+    real = PairedFolder("synthetic", 16, "val")
+    given = real.images[1].permute(1, 2, 0).numpy()  # the second pair's given image
+    for column in range(5):  # x_t and x_0's guess show it as given, at every step
+        for row in (5, 6):
+            assert np.array_equal(tile(picture, 5, row, column, 0), given)
+    first = real.images[0].permute(1, 2, 0).numpy()  # the forward process ends at the pair
+    assert np.array_equal(tile(picture, 5, 0, 4, 0), first)
+    assert not np.array_equal(tile(picture, 5, 0, 0, 0), first)  # noised at t = T
+    err = cli_error(["sample", str(tiny_ckpt), "--data", "synthetic"], capsys)
+    assert "--given and --data go together (or --data with --trajectory)" in err
