@@ -480,7 +480,7 @@ SAMPLE_STREAM = 2  # (seed, k): the k-th batch of samples (k = 0: the grids made
 SUBSET_STREAM = 3  # (seed,): the real pairs --real-fraction keeps, in train and in segment
 # The fields a resumed run may change; the others must be those it was trained with.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "sample_n", "sampler", "sampler_steps"}
-RESUMABLE |= {"eval_every", "eval_n", *SPEED_FIELDS}
+RESUMABLE |= {"eval_every", "eval_n", "lr", *SPEED_FIELDS}  # lr: a step decay, by hand
 SCORES = ("fid", "kid", "sfid", "skid")  # --eval-every's columns of log.csv
 
 
@@ -531,10 +531,10 @@ def update_ema(ema_params, params, decay):
 
 
 def load_optimizer(opt, state):
-    """opt.load_state_dict(state) with opt's own fused choice set in state first: a CPU run's
-    (None) would leave Adam's step counts on the CPU beside CUDA moments, which fused refuses."""
+    """opt.load_state_dict(state) with opt's own lr (a resumed --lr) and fused choice: a CPU run's
+    fused (None) would leave Adam's step counts on the CPU beside CUDA moments, which it refuses."""
     for group in state["param_groups"]:
-        group["fused"] = opt.defaults["fused"]
+        group.update(lr=opt.defaults["lr"], fused=opt.defaults["fused"])
     opt.load_state_dict(state)
 
 

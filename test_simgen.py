@@ -1182,6 +1182,25 @@ def test_eval_every_scores_the_pairs_sample_draws_and_keeps_the_best(tmp_path, s
     assert [r.split(",")[0] for r in rows] == ["10", "20", "30"] and rows[2].split(",")[4]
 
 
+def test_a_resumed_run_takes_a_new_lr_from_its_next_step(tmp_path):
+    # Oracle: Adam's step is lr times a direction that does not depend on lr, so from the same
+    # checkpoint (same weights, batch, gradient and moments) step 5 at lr / 4 moves every
+    # weight a quarter as far as step 5 at lr.
+    simgen.train(tiny(steps=4, ckpt_every=100), tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    before = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    a = simgen.train(tiny(steps=5, ckpt_every=100), tmp_path / "a", {"steps"})
+    b = simgen.train(tiny(steps=5, ckpt_every=100, lr=2.5e-4), tmp_path / "b", {"steps", "lr"})
+    a, b = (torch.load(p, weights_only=True) for p in (a, b))
+    assert b["optimizer"]["param_groups"][0]["lr"] == b["config"]["lr"] == 2.5e-4
+    moved = 0
+    for k, w in before.items():
+        step_a, step_b = a["model"][k] - w, b["model"][k] - w
+        assert torch.allclose(step_b, step_a / 4, atol=1e-7), k
+        moved += int(step_a.abs().max() > 1e-5)
+    assert moved > 10  # the weights did move
+
+
 def test_a_run_at_or_past_its_end_leaves_its_checkpoint_alone(tmp_path, capsys):
     path = simgen.train(tiny(steps=4), tmp_path)
     before = path.read_bytes()
