@@ -861,11 +861,13 @@ def save_checkpoint(path, state):
 
 def resume_log(path, step, columns):
     """A run's log.csv (path) as of its checkpoint at step: the header, then the rows up to step;
-    the rows past it, of a run stopped after its checkpoint, go. Columns missing from an older
-    log's rows are added empty."""
-    rows = path.read_text().splitlines()[1:] if path.exists() else []
-    rows = [r for r in rows if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
-    rows = [r + "," * (len(columns) - 1 - r.count(",")) for r in rows]
+    the rows past it, of a run stopped after its checkpoint, go. An older log's rows are laid out
+    in columns by its own header, empty where it had no such column."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    header = lines[0].split(",") if lines else columns
+    rows = [dict(zip(header, r.split(","))) for r in lines[1:]]
+    rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+    rows = [",".join(r.get(c, "") for c in columns) for r in rows]
     path.write_text("".join(f"{r}\n" for r in [",".join(columns), *rows]))
 
 

@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -44,6 +45,8 @@ import metrics
 VERSION = 1  # checkpoint format
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # GaussianDiffusion.sample_loop's
 SPEED_FIELDS = ("amp", "compile", "channels_last")  # the GPU switches: they change no result
+LR_SCHEDULES = ("constant", "cosine")  # --lr-schedule
+LR_FLOOR = 0.1  # the cosine schedule's last rate, in units of --lr
 
 # ------------------------------------------------------------------------------------------ config
 
@@ -61,12 +64,16 @@ class Config:
     # training (§4.2)
     steps: int = 200_000  # optimizer steps; Note: the paper gives 5 V100-days, not a step count
     batch_size: int = 16  # global batch, split over DDP ranks
-    lr: float = 1e-4  # Adam learning rate
+    lr: float = 1e-4  # Adam learning rate (the peak, with --warmup-steps or a cosine schedule)
     ema_decay: float = 0.9999  # EMA of the weights, used for sampling
     grad_clip: float = 1.0  # max global gradient norm
     seed: int = 0  # init, batches, noise: all randomness of a step is a function of (seed, step)
     real_fraction: float = 1.0  # of the train split, drawn by seed: segment's subset (Fig. 15)
-    amp: bool = True  # bf16 autocast (CUDA; on a CPU only when the flag is given)
+    # the recipe's levers (departures; the defaults are the paper's constant-rate epsilon MSE)
+    snr_gamma: float = 0.0  # Min-SNR-gamma loss weight min(SNR_t, gamma) / SNR_t; 0: off
+    lr_schedule: str = "constant"  # constant | cosine: from lr to lr * LR_FLOOR at --steps
+    warmup_steps: int = 0  # the rate rises linearly from lr / N to lr over the first N steps
+    amp: bool = True  # bf16 autocast (CUDA, and CPUs with bf16 units; fp16 on pre-Ampere GPUs)
     compile: bool = True  # torch.compile (likewise)
     channels_last: bool = True  # NHWC memory format (likewise)
     # io
@@ -93,6 +100,8 @@ class Config:
         checks += [
             *[(n, getattr(self, n) > 0, "must be > 0") for n in ("lr", "grad_clip")],
             *[(n, getattr(self, n) >= 0, "must be >= 0") for n in ("seed", "eval_every")],
+            *[(n, getattr(self, n) >= 0, "must be >= 0") for n in ("snr_gamma", "warmup_steps")],
+            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, "use constant or cosine"),
             ("eval_n", self.eval_n >= 2, "must be >= 2: FID and KID need two pairs"),
             ("real_fraction", 0 < self.real_fraction <= 1, "must be in (0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
@@ -270,6 +279,7 @@ class GaussianDiffusion:
             sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),  # DDPM Eq. 4: its std
             sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
             sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1),
+            snr=alphas_cumprod / (1.0 - alphas_cumprod),  # SNR_t = alpha_bar_t / (1 - alpha_bar_t)
             # DDPM Eq. 7: beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
             posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             # DDPM Eq. 7: mu~_t = coef1 x_0 + coef2 x_t
@@ -315,12 +325,17 @@ class GaussianDiffusion:
         x = self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
         return (x - pred_xstart) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
-    def training_losses(self, model, x_start, t, noise=None):
+    def training_losses(self, model, x_start, t, noise=None, snr_gamma=0.0):
         """DDPM Algorithm 1 / Eq. 14: ||eps - eps_theta(x_t, t)||^2, mean over 6 channels (§3.4).
         x_start: (B, C, H, W) in [-1, 1]; t: (B,) long; noise: (B, C, H, W) -> dict loss: (B,)"""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)  # DDPM Eq. 4
         mse = (noise - model(x_t, t).float()).square().mean(dim=tuple(range(1, x_start.ndim)))
+        if snr_gamma:  # Deviation (--snr-gamma): Min-SNR-gamma (Hang et al. 2023, §3.4), for an
+            # eps-predicting model the weight min(SNR_t, gamma) / SNR_t, SNR_t = a_t^2 / s_t^2:
+            # the nearly clean steps (SNR_t > gamma), whose gradients dominate, count less.
+            snr = self.snr[t]  # (B,)
+            mse = mse * snr.clamp(max=snr_gamma) / snr
         return dict(loss=mse)
 
     def p_mean_variance(self, model, x, t, clip_denoised=True):
@@ -481,6 +496,7 @@ SUBSET_STREAM = 3  # (seed,): the real pairs --real-fraction keeps, in train and
 # The fields a resumed run may change; the others must be those it was trained with.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "sample_n", "sampler", "sampler_steps"}
 RESUMABLE |= {"eval_every", "eval_n", "lr", *SPEED_FIELDS}  # lr: a step decay, by hand
+RESUMABLE |= {"snr_gamma", "lr_schedule", "warmup_steps"}  # the recipe's levers
 SCORES = ("fid", "kid", "sfid", "skid")  # --eval-every's columns of log.csv
 
 
@@ -522,6 +538,20 @@ def optimizer_step(loss, opt, scaler, grad_clip, set_to_none=True):
     scaler.step(opt)  # fp16: skips the step if a gradient overflowed; otherwise opt.step()
     scaler.update()
     opt.zero_grad(set_to_none=set_to_none)
+
+
+def learning_rate(cfg, step):
+    """The rate of the optimizer step after `step` done: cfg.lr (the paper's constant rate), or
+    after a linear warmup over cfg.warmup_steps, and with lr_schedule "cosine" a half cosine from
+    cfg.lr at the warmup's end down to cfg.lr * LR_FLOOR at cfg.steps (SGDR, Loshchilov & Hutter
+    2017, Eq. 5, one cycle). A function of the step alone: a resumed run goes on along it."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    floor = cfg.lr * LR_FLOOR
+    return floor + (cfg.lr - floor) * (1 + math.cos(math.pi * progress)) / 2
 
 
 @torch.no_grad()
@@ -583,15 +613,36 @@ def pick_device(name=None):
     return device
 
 
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 in hardware (x86: AVX512-BF16 or AMX; ARM: BF16) and
+    oneDNN uses it. Elsewhere oneDNN emulates bf16, slower than fp32."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # ARM: oneDNN's check is of the BF16 extension itself
+    units = getattr(torch._C._cpu, "_get_cpu_capability", dict)()  # {} if torch cannot tell
+    return bool(units.get("avx512_bf16") or units.get("amx_bf16"))
+
+
 def speedups(cfg, device, explicit=()):
-    """The GPU switches a run uses -> (autocast dtype or None, compile, channels_last): cfg's on
-    CUDA, on a CPU those in explicit (flags given). fp16 (with a GradScaler) on GPUs before
-    compute capability 8.0 (the paper's V100, fp16 tensor cores only), else bf16."""
-    on = [getattr(cfg, k) and (device.type == "cuda" or k in explicit) for k in SPEED_FIELDS]
+    """The switches a run uses -> (autocast dtype or None, compile, channels_last): cfg's on CUDA;
+    on a CPU, amp where it has bf16 units (cpu_has_bf16), the others only if in explicit (flags
+    given). fp16 (with a GradScaler) on GPUs before compute capability 8.0 (the paper's V100,
+    fp16 tensor cores only), else bf16."""
+    cuda, bf16_cpu = device.type == "cuda", device.type == "cpu" and cpu_has_bf16()
+    on = [getattr(cfg, k) and (cuda or k in explicit) for k in SPEED_FIELDS]
+    on[0] = on[0] or (cfg.amp and bf16_cpu)  # Deviation: bf16 on such a CPU too, as on CUDA
     # Deviation: mixed precision by default on CUDA (the paper does not state its precision)
     old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
     dtype = torch.float16 if old_gpu else torch.bfloat16
     return dtype if on[0] else None, on[1], on[2]
+
+
+def precision(amp, device):
+    """What a startup line says of amp (speedups' dtype or None) on the device."""
+    if amp is not None:
+        return f"{str(amp)[6:]} autocast" + (" (--no-amp: fp32)" if device.type == "cpu" else "")
+    return "fp32" + (" (no bf16 units in this CPU)" * (device.type == "cpu" and not cpu_has_bf16()))
 
 
 def autocast(amp, device):  # autocast to amp (bf16, fp16) on the device; fp32 if amp is None
@@ -690,12 +741,12 @@ def train(cfg, out, explicit=()):
             model = nn.parallel.DistributedDataParallel(model, ids, gradient_as_bucket_view=True)
         model = torch.compile(model) if compiled else model
         grid_model = sampling_model(ema, fast) if rank == 0 else None
-        how = [f"{str(amp)[6:]} autocast" if amp else "fp32", "compile" if compiled else "eager"]
+        how = [precision(amp, device), "compile" if compiled else "eager"]
         how += ["channels_last"] * channels_last + ["GradScaler: fp16"] * scaler.is_enabled()
         millions = sum(p.numel() for p in raw.parameters()) / 1e6
         log(f"{millions:.1f}M parameters; {world} x {device.type}, {', '.join(how)}")
         if rank == 0:  # a row per progress line; on resume, the rows past the checkpoint go
-            data.resume_log(csv, start, ["step", "loss", "images_per_s", "seconds", *SCORES])
+            data.resume_log(csv, start, ["step", "loss", "lr", "images_per_s", "seconds", *SCORES])
         # --eval-every keeps the best FID's weights in best.pt, which records its scores
         best = torch.load(best_path, weights_only=True, mmap=True) if best_path.exists() else {}
         best = best.get("scores", {}).get("fid", math.inf)
@@ -710,8 +761,14 @@ def train(cfg, out, explicit=()):
             if channels_last:
                 x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
             # line 5: a gradient step on ||eps - eps_theta(x_t, t)||^2, x_t from DDPM Eq. 4
+            # (Deviation, --snr-gamma: weighted by Min-SNR-gamma; see training_losses)
             with autocast(amp, device):
-                loss = diffusion.training_losses(model, x, t, noise)["loss"].mean()
+                loss = diffusion.training_losses(model, x, t, noise, cfg.snr_gamma)["loss"].mean()
+            # Deviation (--warmup-steps, --lr-schedule cosine): the rate of this step, where the
+            # paper's is constant (the default)
+            lr = learning_rate(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
             optimizer_step(loss, opt, scaler, cfg.grad_clip, set_to_none=world == 1)
             # Deviation: samples come from an EMA of the weights (DDPM's practice, not the
             # paper's), warmed up so that early grids forget the initialisation.
@@ -744,7 +801,7 @@ def train(cfg, out, explicit=()):
                 shown = now
             if row:
                 seconds += now - clock
-                line = f"{done},{mean:.6f},{rate:.2f},{seconds:.1f}"  # written once saved
+                line = f"{done},{mean:.6f},{lr:.4g},{rate:.2f},{seconds:.1f}"  # written once saved
                 loss_sum, last_line, clock, timed_from = 0.0, done, time.time(), done
 
             # The checkpoint, a sample grid and the scores from the EMA (rank 0; not counted as
@@ -844,6 +901,7 @@ def sample(args):
         data.match_classes(data.declared_classes(args.data), classes, args.data, args.ckpt)
     chosen = {name: getattr(args, name) for name in SPEED_FIELDS if getattr(args, name) is not None}
     amp, *_ = fast = speedups(replace(cfg, **chosen), device, chosen)  # flags override the config
+    print(f"sampling on {device.type}, {precision(amp, device)}")
     model = ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
     model = sampling_model(model.to(device), fast)
@@ -1000,11 +1058,12 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), merge=""
 
     torch.manual_seed(cfg.seed)
     model = ResUNet(cfg, 3, test.num_classes, time_embedding=False).to(device)
-    amp = speedups(cfg, device)[0]
+    amp = speedups(cfg, device)[0]  # cfg.amp False (--no-amp): fp32
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda" or None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     size, millions = cfg.image_size, sum(p.numel() for p in model.parameters()) / 1e6
     print(f"segmentation ResUNet {millions:.2f}M parameters; {len(images)} pairs at {size}x{size}")
+    print(f"{device.type}, {precision(amp, device)}")
     for step in range(1, cfg.steps + 1):  # the batch and its flips from (seed, step), as in train
         g = make_generator(device, BATCH_STREAM, cfg.seed, step - 1)
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g, device=device)
@@ -1033,7 +1092,7 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), merge=""
         data.save_checkpoint(ckpt_path, dict(state, version=VERSION))
         print(f"weights in {ckpt_path}")
     result = dict(train=used, test=str(test_root), test_split=test_split, n_test=len(test))
-    result |= dict(merge=merge, config={k: getattr(cfg, k) for k in SEGMENT})
+    result |= dict(merge=merge, config={k: getattr(cfg, k) for k in SEGMENT}, amp=str(amp))
     classes = [dict(c, iou=v) for c, v in zip(test.classes, per_class)]
     return dict(result, classes=classes, mean_iou=mean, seconds=seconds)
 
@@ -1143,9 +1202,9 @@ def bench(config=None, repeats=None, profile=False):
         res["profile"] = prof.key_averages().table(sort_by=sort, row_limit=10)
         print(f"profile: three training steps, top 10 by self time\n{res['profile']}")
 
-    print("sampling 16 pairs", flush=True)
     torch.manual_seed(0)
     amp, *_ = fast = speedups(cfg, device)  # what sample uses here
+    print(f"sampling 16 pairs, {precision(amp, device)} as sample", flush=True)
     net = sampling_model(ResUNet(cfg).to(device).eval(), fast)
 
     def draw(sampler, steps):
@@ -1235,6 +1294,7 @@ def build_parser():
     p.add_argument("--out", help="folder for segment.pt")
     p.add_argument("--json", help="write the IoU table here")
     add_config_flags(p, SEGMENT, keep_defaults=True)
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32, not bf16 autocast")
 
     p = commands.add_parser("bench", help="speed of training and sampling here")
     p.add_argument("--json", help="also write every number here")
@@ -1274,7 +1334,7 @@ def main(argv=None):
             how = (args.image_size, args.real_split, args.fake_split, args.batch_size, args.device)
             result = evaluate(args.real, args.fake, *how)
         elif args.command == "segment":
-            cfg = replace(Config(), **{k: getattr(args, k) for k in SEGMENT})
+            cfg = replace(Config(), **{k: getattr(args, k) for k in [*SEGMENT, "amp"]})
             how = (args.test_split, args.train_split.split(","), args.merge, args.out)
             result = segment(args.train, args.test, cfg, *how)
         if args.command in ("eval", "segment", "bench") and args.json:

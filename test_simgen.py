@@ -9,11 +9,13 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
 import sys
 import warnings
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -1136,7 +1138,7 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
     }
     assert simgen.Config(**straight["config"]) == tiny(steps=6, ckpt_every=100)
     assert straight["classes"][4] == {"id": 4, "name": "tool_tip", "value": 4}
-    head = "step,loss,images_per_s,seconds,fid,kid,sfid,skid\n"  # no scores: empty columns
+    head = "step,loss,lr,images_per_s,seconds,fid,kid,sfid,skid\n"  # no scores: empty columns
     assert (tmp_path / "a" / "log.csv").read_text().startswith(head)
     assert (tmp_path / "a" / "log.csv").read_text().splitlines()[1].endswith(",,,,")
     assert (tmp_path / "a" / "grid_0000006.png").exists()
@@ -1157,17 +1159,17 @@ def test_eval_every_scores_the_pairs_sample_draws_and_keeps_the_best(tmp_path, s
     out = capsys.readouterr().out
     assert "step 10: fid " in out and "(6 pairs vs 120 val, best)" in out
     head, *rows = [r.split(",") for r in (run_dir / "log.csv").read_text().splitlines()]
-    assert head == ["step", "loss", "images_per_s", "seconds", "fid", "kid", "sfid", "skid"]
-    assert [r[0] for r in rows] == ["10", "20"] and all(len(r) == 8 and r[4] for r in rows)
+    assert head == ["step", "loss", "lr", "images_per_s", "seconds", "fid", "kid", "sfid", "skid"]
+    assert [r[0] for r in rows] == ["10", "20"] and all(len(r) == 9 and r[5] for r in rows)
     js = str(tmp_path / "scores.json")
     gen = sample(ckpt, tmp_path / "gen", "--n", "6", "--sampler", "dpm++sde", "--seed", "0")
     want = run(["eval", "synthetic", str(gen), "--real-split", "val", "--json", js], capsys)[1]
-    for column, name in zip(rows[1][4:], simgen.SCORES):
+    for column, name in zip(rows[1][5:], simgen.SCORES):
         expected = "" if want[name] is None else f"{want[name]:.6f}"
         assert column == expected, name
     # best.pt: the weights of the row with the lowest FID, with its scores; sample takes it
     best = torch.load(run_dir / "best.pt", weights_only=True)
-    fids = [float(r[4]) for r in rows]
+    fids = [float(r[5]) for r in rows]
     assert best["step"] == int(rows[fids.index(min(fids))][0])
     assert f"{best['scores']['fid']:.6f}" == f"{min(fids):.6f}"
     assert torch.equal(best["ema"]["init.weight"], torch.load(ckpt)["ema"]["init.weight"]) == (
@@ -1179,7 +1181,7 @@ def test_eval_every_scores_the_pairs_sample_draws_and_keeps_the_best(tmp_path, s
     simgen.train(tiny(steps=30, ckpt_every=20, eval_every=10, eval_n=6), run_dir, {"steps"})
     assert torch.load(run_dir / "best.pt")["scores"]["fid"] == -1.0
     rows = (run_dir / "log.csv").read_text().splitlines()[1:]
-    assert [r.split(",")[0] for r in rows] == ["10", "20", "30"] and rows[2].split(",")[4]
+    assert [r.split(",")[0] for r in rows] == ["10", "20", "30"] and rows[2].split(",")[5]
 
 
 def test_a_resumed_run_takes_a_new_lr_from_its_next_step(tmp_path):
@@ -1201,6 +1203,104 @@ def test_a_resumed_run_takes_a_new_lr_from_its_next_step(tmp_path):
     assert moved > 10  # the weights did move
 
 
+def test_min_snr_gamma_weights_each_loss_by_min_snr_gamma_over_snr():
+    # Oracle: with eps_theta = 0 a pair's plain loss is mean(eps^2); Min-SNR-5 multiplies it by
+    # min(SNR_t, 5) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t), here from the linear
+    # schedule's betas written out (DDPM's 1e-4..0.02, scaled by 1000 / T).
+    T = 250
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T))
+    snr = alpha_bar / (1 - alpha_bar)
+    t = torch.tensor([0, 10, 20, 30, 100, 249])
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.rand(6, 6, 4, 4, generator=g) * 2 - 1, torch.randn(6, 6, 4, 4, generator=g)
+    d, zero = simgen.GaussianDiffusion(T), lambda x, t: torch.zeros_like(x)
+    plain = d.training_losses(zero, x, t, noise)["loss"]
+    weighted = d.training_losses(zero, x, t, noise, snr_gamma=5.0)["loss"]
+    assert torch.allclose(plain, noise.square().mean((1, 2, 3)))
+    want = np.minimum(snr[t], 5) / snr[t]
+    np.testing.assert_allclose((weighted / plain).numpy(), want, rtol=1e-5)
+    # by hand: paper t = 1 has SNR (1 - 4e-4) / 4e-4 ~ 2500, so weight ~ 1/500; SNR passes 5 near
+    # t = 30, beyond which the weight is 1 (the noisy steps keep the plain loss)
+    assert abs(want[0] - 5 / 2499) < 1e-4 and want[1] < want[2] < 1 and (want[4:] == 1).all()
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine_to_a_tenth(tmp_path):
+    # Hand values: lr 1e-3, 10 warmup steps, 110 steps in all; the floor is lr / 10.
+    cfg = tiny(lr=1e-3, warmup_steps=10, steps=110, lr_schedule="cosine")
+    lr = partial(simgen.learning_rate, cfg)
+    assert math.isclose(lr(0), 1e-4) and math.isclose(lr(4), 5e-4) and math.isclose(lr(9), 1e-3)
+    assert math.isclose(lr(10), 1e-3)  # the cosine's top
+    assert math.isclose(lr(60), 1e-4 + 0.9e-3 / 2)  # halfway: the mean of top and floor
+    assert math.isclose(lr(110), 1e-4) and math.isclose(lr(500), 1e-4)  # the floor, and past it
+    assert math.isclose(lr(35), 1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    constant = simgen.replace(cfg, lr_schedule="constant")
+    assert simgen.learning_rate(constant, 3) == 4e-4 and simgen.learning_rate(constant, 80) == 1e-3
+    assert simgen.learning_rate(tiny(lr=1e-3), 0) == 1e-3  # the paper's: constant, no warmup
+    # And the optimizer takes it: Adam's first step moves each weight by lr (its m / sqrt(v) is
+    # +-1 on the first step), so with 10 warmup steps by lr / 10.
+    ckpt = torch.load(
+        simgen.train(tiny(lr=1e-2, warmup_steps=10, steps=1), tmp_path),
+        weights_only=True,
+    )
+    torch.manual_seed(0)
+    before = simgen.ResUNet(TINY).state_dict()
+    moved = max((ckpt["model"][k] - w).abs().max().item() for k, w in before.items())
+    assert 0.9e-3 < moved < 1.1e-3
+
+
+def test_a_resumed_run_goes_on_along_its_lr_schedule_and_keeps_its_recipe(tmp_path, monkeypatch):
+    recipe = dict(snr_gamma=5.0, lr_schedule="cosine", warmup_steps=2)
+    cfg = tiny(steps=6, ckpt_every=3, log_every=1, **recipe)
+    straight = torch.load(simgen.train(cfg, tmp_path / "a"), weights_only=True)
+    real, calls = simgen.GaussianDiffusion.training_losses, []
+
+    def stopped(self, *args):  # Ctrl-C in step 4, after step 3's checkpoint
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        simgen.train(cfg, tmp_path / "b")
+    monkeypatch.undo()
+    # resumed with the recipe not given: the checkpoint's is kept, and the schedule goes on
+    path = simgen.train(tiny(steps=6, ckpt_every=3, log_every=1), tmp_path / "b", {"steps"})
+    resumed = torch.load(path, weights_only=True)
+    assert all(resumed["config"][k] == v for k, v in recipe.items())
+    a, b = state_tensors(straight), state_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # log.csv's lr column: the rate of each row's step, by hand (1e-3, floor 1e-4, 2 warmup steps)
+    top, floor = 1e-3, 1e-4
+    cosine = [floor + (top - floor) * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+    want = [top / 2, top, *cosine]
+    for folder in ("a", "b"):
+        rows = [r.split(",") for r in (tmp_path / folder / "log.csv").read_text().splitlines()]
+        assert rows[0][2] == "lr" and [int(r[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+        assert np.allclose([float(r[2]) for r in rows[1:]], want, rtol=1e-3)
+
+
+def test_bf16_is_the_default_on_a_cpu_with_bf16_units_and_no_amp_keeps_fp32(monkeypatch):
+    cpu = torch.device("cpu")
+    # Oracle for this machine: the CPU's own flags, where Linux lists them
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() == "x86_64" and flags and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert simgen.cpu_has_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    for units in (True, False):
+        monkeypatch.setattr(simgen, "cpu_has_bf16", lambda units=units: units)
+        want = torch.bfloat16 if units else None
+        assert simgen.speedups(simgen.Config(), cpu) == (want, False, False)  # compile: CUDA's
+        assert simgen.speedups(simgen.Config(amp=False), cpu)[0] is None  # --no-amp
+        assert simgen.speedups(simgen.Config(), cpu, {"amp"})[0] == torch.bfloat16  # --amp
+        cfg, chosen, _ = simgen.train_config(
+            simgen.build_parser().parse_args(["train", "--no-amp"])
+        )
+        assert simgen.speedups(cfg, cpu, chosen)[0] is None
+        assert simgen.precision(want, cpu) == (
+            "bfloat16 autocast (--no-amp: fp32)" if units else "fp32 (no bf16 units in this CPU)"
+        )
+
+
 def test_a_run_at_or_past_its_end_leaves_its_checkpoint_alone(tmp_path, capsys):
     path = simgen.train(tiny(steps=4), tmp_path)
     before = path.read_bytes()
@@ -1215,9 +1315,9 @@ def test_a_run_at_or_past_its_end_leaves_its_checkpoint_alone(tmp_path, capsys):
 def test_non_finite_loss_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     real, calls = simgen.GaussianDiffusion.training_losses, []
 
-    def poisoned(self, model, x, t, noise=None):  # finite for 4 steps, then NaN
+    def poisoned(self, *args):  # finite for 4 steps, then NaN
         calls.append(1)
-        out = real(self, model, x, t, noise)
+        out = real(self, *args)
         return out if len(calls) <= 4 else dict(loss=out["loss"] * float("nan"))
 
     monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", poisoned)
@@ -1316,7 +1416,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_path):
-    flags = ["--n=5", "--sampler=ddim", "--steps=5", "--seed=1", "--batch-size=3"]
+    flags = ["--n=5", "--sampler=ddim", "--steps=5", "--seed=1", "--batch-size=3", "--no-amp"]
     out = sample(tiny_ckpt, tmp_path / "s", *flags)
     back = data.PairedFolder(out, 16, "all")
     ckpt = torch.load(tiny_ckpt, weights_only=True)
@@ -2143,10 +2243,11 @@ def test_resume_keeps_one_log_row_per_step_and_counts_seconds_on(tmp_path, capsy
     table = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in table] == [2, 4, 6, 8]
     # on from the checkpoint's
-    assert float(table[2][3]) >= 100.0 and float(table[3][3]) >= float(table[2][3])
+    assert float(table[2][4]) >= 100.0 and float(table[3][4]) >= float(table[2][4])
     out = capsys.readouterr().out
-    # what a CPU runs, not the CUDA defaults
-    assert "amp=" not in out and "1 x cpu, fp32, eager" in out
+    # what a CPU runs, not the CUDA defaults: bf16 only where it has bf16 units
+    how = "bfloat16 autocast (--no-amp: fp32)" if simgen.cpu_has_bf16() else "fp32"
+    assert "amp=" not in out and f"1 x cpu, {how}, eager" in out
 
 
 # ------------------------------------------------------------------------------------------
