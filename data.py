@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from functools import partial
@@ -34,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test", "all")
 VAL_FRACTION = 0.12  # SimGen Table 1: Kvasir-SEG 880 train / 120 val
-CACHE_VERSION = 2  # bump whenever decoding or the synthetic generator changes
+CACHE_VERSION = 3  # bump whenever decoding or the synthetic generator changes
 GREY = 0x010101  # a mask value is held as the code r << 16 | g << 8 | b; grey level v is v * GREY
 
 
@@ -51,11 +50,12 @@ class DataError(Exception):
 
 
 def _open(path):
-    """Open and fully decode an image file, so that a truncated file fails here."""
+    """Open and fully decode an image file, so that a truncated file fails here; turned as its
+    EXIF orientation says (a phone's photos), as every viewer shows it."""
     try:
         im = Image.open(path)
         im.load()
-        return im
+        return ImageOps.exif_transpose(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({e})".replace("\n", " ")) from None
 
@@ -84,7 +84,15 @@ def _mask_codes(im, path):
     if im.mode.startswith("I") and not 0 <= np.asarray(im).min() <= np.asarray(im).max() <= 255:
         raise DataError(f"{path}: 16-bit mask values outside 0-255 are not supported")
     a = np.asarray(im.convert("RGB")).astype(np.uint32)
-    return a[..., 0] << 16 | a[..., 1] << 8 | a[..., 2]
+    codes = a[..., 0] << 16 | a[..., 1] << 8 | a[..., 2]
+    if "A" in im.getbands() and (codes == codes.flat[0]).all():  # alpha is dropped: then one
+        alpha = np.unique(np.asarray(im.getchannel("A")))  # class, unless it is one class
+        if len(alpha) > 1:
+            raise DataError(
+                f"{path}: one colour, its {len(alpha)} alpha levels telling the classes apart; "
+                "classes are read from the colours: save them as grey levels or colours"
+            )
+    return codes
 
 
 def _geometry(w, h, size):
@@ -154,8 +162,7 @@ def _files(folder):
 
 def _pairs(root):
     """Pair images with masks by stem: [(stem, image path, mask path)] in sorted stem order."""
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found")
+    check_root(root)
     images, masks = _files(root / "images"), _files(root / "masks")
     for have, lack, what, where in (
         (images, masks, "images", "masks"),
@@ -228,7 +235,7 @@ def _decode_folder(root, pairs, size):
             out = pool.map(_decode_pair, jobs, chunksize=8)
     else:  # starting a pool costs more than it saves on small datasets
         out = [_decode_pair(job) for job in jobs]
-    palette = next((p for *_, p in out if p is not None), None)  # the first palette mask's
+    palette = _palette(pairs, out)  # of palette masks, else None
     if named is None:  # the values found, sorted; JPEG masks are binary even if a class is absent
         lossy = (
             [0, 255 * GREY]
@@ -257,6 +264,37 @@ def _decode_folder(root, pairs, size):
     classes = _class_list(named, grey)
     images, stems = [image for image, *_ in out], [s for s, _, _ in pairs]
     return _pack(images, masks, stems, classes, palette)
+
+
+def _palette(pairs, decoded):
+    """The one palette of a folder of palette masks ([r, g, b, ...] for indices 0..255), each used
+    index in the colour every mask using it gives it, the rest from the first mask's palette;
+    None without palette masks. A one-line DataError if palette masks and others are mixed, or
+    two masks colour a used index differently."""
+    kinds = [p is not None for *_, p in decoded]
+    if not any(kinds):
+        return None
+    if not all(kinds):  # one file of each kind, named
+        paletted, other = (pairs[kinds.index(k)][2] for k in (True, False))
+        raise DataError(
+            f"{other.parent}: palette masks (e.g. {paletted.name}) beside masks without a palette "
+            f"(e.g. {other.name}); make them all of one kind"
+        )
+    first = decoded[0][3]
+    palette = (first + [0] * 768)[:768]  # 256 colours: every index a mask may hold
+    where = {}  # index -> the first mask that uses it
+    for (_, _, mask_path), (_, codes, _, pal) in zip(pairs, decoded):
+        for i in (codes // GREY).tolist():
+            colour = pal[3 * i : 3 * i + 3]
+            if i not in where:
+                where[i], palette[3 * i : 3 * i + 3] = mask_path, colour
+            elif palette[3 * i : 3 * i + 3] != colour:
+                raise DataError(
+                    f"{mask_path}: its palette colours index {i} {tuple(colour)}, but "
+                    f"{where[i].name}'s {tuple(palette[3 * i : 3 * i + 3])}; give every mask one "
+                    "palette"
+                )
+    return palette
 
 
 def _pack(images, masks, stems, classes, palette=None):
@@ -671,8 +709,9 @@ def folder_lock(folder, beside=False, scratch=()):
 
     The lock file is inside the folder (a run folder, made if absent), or beside it
     (".<name>.simgen.lock", for a folder that may not be SimGen's). It is removed when the block
-    ends, so nothing is left behind: nor are the files named in scratch (a run's log.csv) if the
-    folder holds nothing else then, nor the folder if this made it and it is empty. A second
+    ends, so nothing is left behind: nor are the files named in scratch (a set the caller adds
+    a name to once it wrote the file: a run's log.csv) if the folder holds nothing else then,
+    nor the folder if this made it and it is empty. A second
     process is refused in one line; flock is dropped by the kernel when the holder ends, however
     it ends, so a killed run never blocks the next (kill -9 leaves its files: no code runs).
     """
@@ -841,24 +880,6 @@ def features_cache(ds):
     return partial(cached, f"{name}-{ds.split}-{ds.images.shape[-1]}")
 
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a crash or a full disk never leaves half a
-    checkpoint, and the one before stays whole. A failed write is a one-line DataError."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
-        weights = sum(t.nbytes for t in state["model"].values())  # + EMA and Adam's 2 moments
-        need = weights * (1 + ("ema" in state) + 2 * ("optimizer" in state))
-        free = shutil.disk_usage(path.parent).free
-        why = "no space left on its device" if free < need else str(e).strip().splitlines()[-1]
-        space = f"about {need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free"
-        raise DataError(f"{path}: not saved: {why} ({space})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def resume_log(path, step, columns):
     """A run's log.csv (path) as of its checkpoint at step: the header, then the rows up to step;
     the rows past it, of a run stopped after its checkpoint, go. An older log's rows are laid out
@@ -903,7 +924,7 @@ def write_pairs(out, stems, pairs, classes, palette=None):
 
 def palette_colours(masks, classes, palette):
     """Class ids (B, S, S) -> uint8 (B, S, S, 3): each pixel in its index's palette colour."""
-    rgb = torch.tensor(palette, dtype=torch.uint8).view(-1, 3)
+    rgb = torch.tensor((list(palette) + [0] * 768)[:768], dtype=torch.uint8).view(-1, 3)  # 256
     return rgb[torch.tensor([c["value"] for c in classes])][masks.long()]
 
 
@@ -1080,7 +1101,8 @@ def check_root(root):
     """A one-line DataError unless root is a folder or names the built-in set: the check every
     command makes before any work, and before any folder of its own is made."""
     if synthetic_classes(root) is None and not Path(root).is_dir():
-        raise DataError(f"{root}: dataset folder not found")
+        why = "a file, not a dataset folder" if Path(root).exists() else "dataset folder not found"
+        raise DataError(f"{root}: {why}")
 
 
 def synthetic_colours(k):

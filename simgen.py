@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -95,7 +96,9 @@ class Config:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         positive = "image_size base_channels timesteps steps batch_size log_every ckpt_every"
         positive += " sample_n sampler_steps"
-        checks = [(n, getattr(self, n) >= 1, "must be >= 1") for n in positive.split()]
+        floats = [f.name for f in fields(self) if f.type is float]  # inf and nan pass > and <
+        checks = [(n, math.isfinite(getattr(self, n)), "must be finite") for n in floats]
+        checks += [(n, getattr(self, n) >= 1, "must be >= 1") for n in positive.split()]
         levels = len(self.channel_mults)  # one downsampler each; linear: beta_T = 20 / T < 1
         checks += [
             *[(n, getattr(self, n) > 0, "must be > 0") for n in ("lr", "grad_clip")],
@@ -103,6 +106,7 @@ class Config:
             *[(n, getattr(self, n) >= 0, "must be >= 0") for n in ("snr_gamma", "warmup_steps")],
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, "use constant or cosine"),
             ("eval_n", self.eval_n >= 2, "must be >= 2: FID and KID need two pairs"),
+            ("eval_every", self.eval_every <= self.steps, "past --steps: no step would be scored"),
             ("real_fraction", 0 < self.real_fraction <= 1, "must be in (0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
             ("sampler", self.sampler in SAMPLERS, f"use one of {', '.join(SAMPLERS)}"),
@@ -498,6 +502,7 @@ RESUMABLE = {"steps", "log_every", "ckpt_every", "sample_n", "sampler", "sampler
 RESUMABLE |= {"eval_every", "eval_n", "lr", *SPEED_FIELDS}  # lr: a step decay, by hand
 RESUMABLE |= {"snr_gamma", "lr_schedule", "warmup_steps"}  # the recipe's levers
 SCORES = ("fid", "kid", "sfid", "skid")  # --eval-every's columns of log.csv
+CURVE_SAMPLER = ("dpm++sde", 20)  # --eval-every's sampler and its steps
 
 
 def make_generator(device, stream, *key):
@@ -568,8 +573,28 @@ def load_optimizer(opt, state):
     opt.load_state_dict(state)
 
 
-def load_checkpoint(path):
-    """A SimGen checkpoint as a dict, its tensors on the CPU, or a one-line DataError."""
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then rename: a crash or a full disk never leaves half a
+    checkpoint, and the one before stays whole. A failed write is a one-line DataError."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
+        weights = [part for part in ("model", "ema") if part in state]
+        need = sum(t.nbytes for part in weights for t in state[part].values())
+        need += 2 * sum(t.nbytes for t in state["model"].values()) if "optimizer" in state else 0
+        free = shutil.disk_usage(path.parent).free  # (Adam's two moments: twice the weights)
+        why = "no space left on its device" if free < need else str(e).strip().splitlines()[-1]
+        space = f"about {need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free"
+        raise data.DataError(f"{path}: not saved: {why} ({space})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, resume=False):
+    """A SimGen checkpoint (train's ckpt.pt, or best.pt: EMA weights only) as a dict, its tensors
+    on the CPU, or a one-line DataError; resume: one train can resume (ckpt.pt)."""
     path = Path(path)
     if not path.is_file():
         raise data.DataError(f"{path}: checkpoint not found")
@@ -577,19 +602,22 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign or pickled-code files alike
         raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    keys = {"model", "ema", "config", "classes"}
-    if isinstance(ckpt, dict) and keys - {"ema"} <= set(ckpt) and "ema" not in ckpt:
+    keys = {"ema", "config", "classes"}
+    if isinstance(ckpt, dict) and {"model", "config", "classes"} <= set(ckpt) and "ema" not in ckpt:
         why = "a segmentation network's checkpoint (segment --out), not a generator's"
         raise data.DataError(f"{path}: {why}; give a train run's ckpt.pt or best.pt")
     if not isinstance(ckpt, dict) or ckpt.get("version") != VERSION or not keys <= set(ckpt):
         raise data.DataError(f"{path}: not a SimGen checkpoint of version {VERSION}")
+    if resume and "model" not in ckpt:
+        why = "holds the EMA weights only (a best.pt), which train cannot resume"
+        raise data.DataError(f"{path}: {why}; sample takes it")
     try:  # its config and weights must fit this code: Config's checks, the weights' shapes
         cfg = Config(**ckpt["config"])
     except (TypeError, ValueError) as e:
         raise data.DataError(f"{path}: its config does not fit this SimGen ({e})") from None
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in ResUNet(cfg).state_dict().items()}
-    for part in ("model", "ema"):
+    for part in [p for p in ("model", "ema") if p in ckpt]:
         got = {k: v.shape for k, v in ckpt[part].items()}
         bad = sorted(k for k in got.keys() | shapes.keys() if got.get(k) != shapes.get(k))
         if bad:
@@ -657,11 +685,80 @@ def sampling_model(model, fast):
     return torch.compile(model, dynamic=False) if fast[1] else model  # one shape: batches padded
 
 
-def train(cfg, out, explicit=()):
+def check_run_files(out, ckpt):
+    """A one-line DataError, before any work, if run folder out holds files of the names train
+    writes that a run of train's did not: a log.csv of another header, or, with no checkpoint
+    (ckpt None), a best.pt or grid pictures. A log.csv of train's without a checkpoint is the
+    trace of a run killed before its first one: a new run replaces it."""
+    csv, first = out / "log.csv", ""
+    if csv.is_file():
+        with open(csv, errors="replace") as f:
+            first = f.readline()
+    if csv.exists() and not first.startswith("step,loss,"):
+        raise data.DataError(f"{csv}: not a log of train's; move it or choose another --out")
+    leftovers = [p.name for p in [out / "best.pt", *sorted(out.glob("grid_*.png"))] if p.exists()]
+    if ckpt is None and leftovers:
+        why = f"holds {', '.join(leftovers[:2])} but no ckpt.pt to resume: another run's?"
+        raise data.DataError(f"{out}: {why} train would overwrite them; choose another --out")
+
+
+def best_checkpoint(state):
+    """best.pt's dict from a ckpt.pt's state: what sampling needs, the EMA weights, config,
+    classes and palette, with the scores that made it the best and their protocol."""
+    what = "the EMA weights of a run's best-scored step, for sample and eval; train resumes ckpt.pt"
+    keep = ("ema", "step", "config", "classes", "palette", "version", "best", "switches")
+    return dict({k: state[k] for k in keep}, what=what)
+
+
+def resume_best(path, ckpt, protocol, log):
+    """The best score a run must beat (ckpt.pt's record of it: step, scores, protocol), None if
+    its first score is the best, with best.pt (path) made to agree: rewritten from ckpt.pt when
+    it is missing, damaged or of another step and the record is ckpt.pt's own step. A record of
+    another protocol (eval_n, val split, precision) starts a new best; so does best.pt without
+    a record (an older SimGen's). A best.pt not SimGen's is refused: it would be replaced."""
+    record = ckpt.get("best") if ckpt else None
+    found = None
+    if path.exists():
+        try:
+            found = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # empty or truncated: only a copy of a good step
+            found = f"unreadable ({type(e).__name__})"
+        else:
+            if not isinstance(found, dict) or "ema" not in found or "version" not in found:
+                why = "not a best.pt of train's, and the next best score would replace it"
+                raise data.DataError(f"{path}: {why}; move it or choose another --out")
+    if record is None:
+        if found is not None:
+            old = "unreadable" if isinstance(found, str) else "not recorded in ckpt.pt"
+            log(f"{path}: {old}; the run's next score is its best and replaces it")
+        return None
+    if record["protocol"] != protocol:
+        was = {k: v for k, v in record["protocol"].items() if protocol.get(k) != v}
+        now = {k: protocol.get(k) for k in was}
+        log(f"{path}: scored with {was}, this run with {now}: its first score starts a new best")
+        return None
+    if isinstance(found, dict) and found.get("step") == record["step"]:
+        return record
+    if record["step"] == ckpt["step"]:  # killed between ckpt.pt and best.pt: written now
+        save_checkpoint(path, best_checkpoint(ckpt))
+        return record
+    why = found if isinstance(found, str) else "missing" if found is None else "of another step"
+    log(f"{path}: {why}, step {record['step']}'s weights are gone: a new best starts")
+    return None
+
+
+def train(cfg, out, explicit=(), preset=()):
     """Train SimGen on cfg.data in run folder out, resuming out/ckpt.pt if it is there -> its path.
-    explicit: the Config fields the user set (preset or flag): on resume they must agree with the
-    checkpoint's, but the RESUMABLE ones; on a CPU only they turn GPU switches on."""
+    explicit: the Config fields given as flags; preset: those a preset set. On resume both must
+    agree with the checkpoint's, but the RESUMABLE fields, which only a flag changes; on a CPU
+    only flags turn compile and channels_last on."""
     data.check_root(cfg.data)  # before the run folder is made
+    if cfg.image_size >= 256 and pick_device().type == "cpu":
+        print(
+            f"warning: {cfg.image_size}x{cfg.image_size} is the paper's GPU scale: a step takes a "
+            "minute or more on a CPU (the first step's line says how long); on a CPU try "
+            "--preset demo (minutes) or --image-size 64 --base-channels 32 (hours)"
+        )
     # Several GPUs: DDP under torchrun, each rank with its share of every global batch.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device()  # this rank's GPU
@@ -673,17 +770,21 @@ def train(cfg, out, explicit=()):
     out = Path(out)
     ckpt_path, best_path, csv = out / "ckpt.pt", out / "best.pt", out / "log.csv"
     # One run per folder; stopped before its first checkpoint, a run leaves no log.csv behind.
-    lock = data.folder_lock(out, scratch={"log.csv"}) if rank == 0 else contextlib.nullcontext()
+    written = set()  # the files this run wrote that a stop before its first checkpoint removes
+    lock = data.folder_lock(out, scratch=written) if rank == 0 else contextlib.nullcontext()
     with lock:
-        # Resume: the checkpoint decides every setting the user did not set.
-        ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+        # Resume: the checkpoint decides every setting the user did not give as a flag.
+        ckpt = load_checkpoint(ckpt_path, resume=True) if ckpt_path.exists() else None
+        check_run_files(out, ckpt)  # never a file of another's overwritten
         if ckpt is not None:
             saved = Config(**ckpt["config"])
-            for name in sorted(set(explicit) - RESUMABLE):
+            for name in sorted((set(explicit) | set(preset)) - RESUMABLE):
                 if getattr(saved, name) != getattr(cfg, name):
                     why = f"trained with {name}={getattr(saved, name)}, not {getattr(cfg, name)}"
                     raise data.DataError(f"{ckpt_path}: {why}; choose another --out to start anew")
             cfg = replace(saved, **{n: getattr(cfg, n) for n in set(explicit) & RESUMABLE})
+            if "switches" in ckpt:  # the precision and compile it used are kept, unless given
+                explicit = {*explicit, *SPEED_FIELDS}
             if ckpt["step"] > cfg.steps:  # the checkpoint is left as it is
                 why = f"already at step {ckpt['step']}, past --steps {cfg.steps}"
                 raise data.DataError(f"{ckpt_path}: {why}; raise --steps to train on")
@@ -700,9 +801,21 @@ def train(cfg, out, explicit=()):
         if ckpt is not None and ckpt["classes"] != ds.classes:
             raise data.DataError(f"{cfg.data}: its classes differ from those {ckpt_path} has")
         ds.images, ds.masks, k = ds.images.to(device), ds.masks.to(device), ds.num_classes
-        if cfg.eval_every and rank == 0:  # the curve's yardstick: the val split, the Inception
-            yardstick = data.PairedFolder(cfg.data, cfg.image_size, "val"), metrics.load_inception()
         fast = amp, compiled, channels_last = speedups(cfg, device, explicit)
+        # what this run uses, saved as its config: a resume keeps it (an older checkpoint has
+        # the defaults there, and no "switches")
+        cfg = replace(cfg, amp=amp is not None, compile=bool(compiled), channels_last=channels_last)
+        dtype = str(amp or torch.float32)[6:]  # bfloat16, float16 or float32
+        protocol, best = None, ckpt and ckpt.get("best")  # the best score's step, scores, protocol
+        if cfg.eval_every and rank == 0:  # the curve's yardstick: the val split, the Inception
+            val = data.PairedFolder(cfg.data, cfg.image_size, "val")
+            if len(val) < 2:  # found now, not after the first steps
+                raise data.DataError(f"{cfg.data} [val]: 1 pair; --eval-every needs 2 to score")
+            yardstick = val, metrics.load_inception()
+            # what a score is comparable with: best.pt is the best of one protocol
+            protocol = dict(eval_n=cfg.eval_n, sampler=CURVE_SAMPLER, seed=cfg.seed)
+            protocol |= dict(val=f"{cfg.data} [val]", val_pairs=len(val), precision=dtype)
+            best = resume_best(best_path, ckpt, protocol, log)
         shown = {k: v for k, v in asdict(cfg).items() if k not in SPEED_FIELDS}  # per device:
         log("config " + " ".join(f"{k}={v}" for k, v in shown.items()))  # see the next lines
 
@@ -747,9 +860,7 @@ def train(cfg, out, explicit=()):
         log(f"{millions:.1f}M parameters; {world} x {device.type}, {', '.join(how)}")
         if rank == 0:  # a row per progress line; on resume, the rows past the checkpoint go
             data.resume_log(csv, start, ["step", "loss", "lr", "images_per_s", "seconds", *SCORES])
-        # --eval-every keeps the best FID's weights in best.pt, which records its scores
-        best = torch.load(best_path, weights_only=True, mmap=True) if best_path.exists() else {}
-        best = best.get("scores", {}).get("fid", math.inf)
+            written.add(csv.name)
         kept = f"stopped, {ckpt_path} (step {start}) is kept" if start else "stopped, no checkpoint"
         params, ema_params = list(raw.parameters()), list(ema.parameters())
         loss_sum, last_line, clock, timed_from = 0.0, start, time.time(), start
@@ -801,45 +912,47 @@ def train(cfg, out, explicit=()):
                 shown = now
             if row:
                 seconds += now - clock
-                line = f"{done},{mean:.6f},{lr:.4g},{rate:.2f},{seconds:.1f}"  # written once saved
+                line = f"{done},{mean:.6f},{lr:.4g},{rate:.2f},{seconds:.1f}"
                 loss_sum, last_line, clock, timed_from = 0.0, done, time.time(), done
 
-            # The checkpoint, a sample grid and the scores from the EMA (rank 0; not counted as
-            # training time). Never a checkpoint with non-finite weights: it would sample NaN.
-            scores = {}
-            if due or scored:
+            # The scores of the EMA's pairs, the checkpoint, best.pt, the log row and a sample
+            # grid, in that order (rank 0; not counted as training time): best.pt is never ahead
+            # of ckpt.pt, which records it, and log.csv never holds a step that was not saved.
+            scores, better = {}, False
+            if scored and rank == 0:  # the training curve: the EMA's pairs against the val split
+                scores = sample_scores(grid_model, diffusion, cfg, k, yardstick, amp)
+                got = " ".join(f"{n} {metrics.fmt(v, 4)}" for n, v in scores.items())
+                better = best is None or scores["fid"] < best["scores"]["fid"]
+                of = f"{cfg.eval_n} pairs vs {len(yardstick[0])} val"
+                log(f"step {done}: {got} ({of}{', best' * better})")
+            if due or scored:  # never a checkpoint with non-finite weights: it would sample NaN
                 finite = [p.isfinite().all() for m in (raw, ema) for p in m.parameters()]
                 if not bool(torch.stack(finite).all()):
                     raise FloatingPointError(f"weights are not finite near step {done}; {kept}")
+            if (due or better) and rank == 0:  # a new best is checkpointed at once
+                best = dict(step=done, scores=scores, protocol=protocol) if better else best
                 state = dict(model=raw.state_dict(), ema=ema.state_dict(), step=done)
                 state.update(optimizer=opt.state_dict(), config=asdict(cfg), seconds=seconds)
-                state.update(classes=ds.classes, palette=ds.palette, version=VERSION)
+                state.update(classes=ds.classes, palette=ds.palette, version=VERSION, best=best)
+                state.update(switches=dict(amp=dtype, compile=compiled, device=device.type))
                 state |= dict(scaler=scaler.state_dict()) if scaler.is_enabled() else {}
-            if due and rank == 0:
-                data.save_checkpoint(ckpt_path, state)
+                save_checkpoint(ckpt_path, state)
                 kept = f"stopped, {ckpt_path} (step {done}) is kept"
-                # the same noise every time: a run's grids show the training, not the draw
+                if better:  # what sampling needs, the best FID's EMA weights, as atomically
+                    save_checkpoint(best_path, best_checkpoint(state))
+            if row and rank == 0:  # after the checkpoint: no row of a step that was not saved
+                with open(csv, "a") as f:
+                    cells = [scores.get(n) for n in SCORES]  # empty where not measured
+                    f.write(line + "".join("," if v is None else f",{v:.6f}" for v in cells) + "\n")
+            if due and rank == 0:  # the same noise every time: the grids show the training
                 g = make_generator(device, SAMPLE_STREAM, cfg.seed, 0)
                 with autocast(amp, device):
                     pairs = generate(grid_model, diffusion, cfg, k, cfg.sample_n, g)[:2]
                 colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
                 data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
-            if scored and rank == 0:  # the training curve: the EMA's pairs against the val split
-                scores = sample_scores(grid_model, diffusion, cfg, k, yardstick, amp)
-                got = " ".join(f"{n} {metrics.fmt(v, 4)}" for n, v in scores.items())
-                better = scores["fid"] < best
-                of = f"{cfg.eval_n} pairs vs {len(yardstick[0])} val"
-                log(f"step {done}: {got} ({of}{', best' * better})")
-                if better:  # the best FID's weights, kept as atomically as ckpt.pt
-                    best = scores["fid"]
-                    data.save_checkpoint(best_path, state | dict(scores=scores))
             if (due or scored) and world > 1:  # the others wait here, not in the next all-reduce
                 dist.barrier()
             clock = time.time() if due or scored else clock
-            if row and rank == 0:
-                with open(csv, "a") as f:
-                    cells = [scores.get(n) for n in SCORES]  # empty where not measured
-                    f.write(line + "".join("," if v is None else f",{v:.6f}" for v in cells) + "\n")
 
         if rank == 0:  # the summary; on the built-in set, how well the last grid's masks fit
             log(f"{ckpt_path}: step {cfg.steps}, {seconds:.0f}s of training; grids in {out}")
@@ -993,7 +1106,8 @@ def sample(args):
 def sample_scores(model, diffusion, cfg, num_classes, yardstick, amp=None):
     """train --eval-every: SCORES of the cfg.eval_n pairs `sample --seed <cfg.seed> --sampler
     dpm++sde` draws from model, against yardstick = (a data.PairedFolder, the Inception)."""
-    how, b, pairs = replace(cfg, sampler="dpm++sde", sampler_steps=20), min(16, cfg.eval_n), []
+    how, b, pairs = replace(cfg, sampler=CURVE_SAMPLER[0], sampler_steps=CURVE_SAMPLER[1]), 16, []
+    b = min(b, cfg.eval_n)
     device = diffusion.betas.device  # where the model and its noise are
     for i in range(math.ceil(cfg.eval_n / b)):  # batches of b, as sample draws them
         g = make_generator(device, SAMPLE_STREAM, cfg.seed, i)
@@ -1089,7 +1203,7 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), merge=""
     if ckpt_path:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         state = dict(model=model.state_dict(), config=asdict(cfg), classes=test.classes)
-        data.save_checkpoint(ckpt_path, dict(state, version=VERSION))
+        save_checkpoint(ckpt_path, dict(state, version=VERSION))
         print(f"weights in {ckpt_path}")
     result = dict(train=used, test=str(test_root), test_split=test_split, n_test=len(test))
     result |= dict(merge=merge, config={k: getattr(cfg, k) for k in SEGMENT}, amp=str(amp))
@@ -1305,26 +1419,27 @@ def build_parser():
 
 
 def train_config(args):
-    """Parsed train arguments -> (Config, names of the fields set by preset or flag, run folder)."""
+    """Parsed train arguments -> (Config, the fields given as flags (and DATA), those the preset
+    set, the run folder)."""
     preset = args.preset or ("demo" if args.data is None else "paper")
     if args.data is None and args.preset is None:
         print("no DATA given: training on the built-in synthetic dataset with --preset demo")
     flags = {f.name: getattr(args, f.name) for f in fields(Config) if f.name != "data"}
-    chosen = PRESETS[preset] | {k: v for k, v in flags.items() if v is not None}  # paper: {}
-    chosen["data"] = args.data or "synthetic"
-    cfg = replace(Config(), **chosen)
-    return cfg, set(chosen), Path(args.out or Path("runs") / f"{Path(cfg.data).name}-{preset}")
+    typed = {k: v for k, v in flags.items() if v is not None} | {"data": args.data or "synthetic"}
+    cfg = replace(Config(), **PRESETS[preset] | typed)  # paper: {}
+    out = Path(args.out or Path("runs") / f"{Path(cfg.data).name}-{preset}")
+    return cfg, set(typed), set(PRESETS[preset]), out
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args, out = build_parser().parse_args(argv), None
     stop = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill stops as Ctrl-C does
     try:  # errors the user can fix are one line and exit status 1, never a traceback
         if getattr(args, "json", None):  # before the work, not after it
             data.check_writable(Path(args.json), "--json")
         if args.command == "train":
-            cfg, chosen, out = train_config(args)
-            train(cfg, out, explicit=chosen)
+            cfg, typed, preset, out = train_config(args)
+            train(cfg, out, typed, preset)
         elif args.command == "sample":
             args.out = args.out or Path("samples") / Path(args.ckpt).resolve().parent.name
             sample(args)
@@ -1345,8 +1460,11 @@ def main(argv=None):
         print(f"error: {f'{e.filename}: {e.strerror}' if named else e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
+        resumes = out is not None and (out / "ckpt.pt").exists()
         kept = dict(  # what is true of each command's files when it is stopped
-            train="nothing is half-written, and a run goes on from its last checkpoint when rerun",
+            train="nothing is half-written, and a run goes on from its last checkpoint when rerun"
+            if resumes
+            else "stopped before its first checkpoint: nothing kept, a rerun starts anew",
             sample="nothing is half-written; --out is as it was",
             eval="no scores written; the real set's features are cached once computed in full",
         ).get(args.command, "no weights or scores written; a rerun starts from the beginning")

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.flop_counter import FlopCounterMode
 
 import cfl
@@ -1135,8 +1135,13 @@ def test_resume_gives_bitwise_the_same_weights(tmp_path):
         "palette",
         "version",
         "seconds",
+        "best",
+        "switches",
     }
-    assert simgen.Config(**straight["config"]) == tiny(steps=6, ckpt_every=100)
+    # the config as run: what a CPU used (bf16 where it has the units), not the CUDA defaults
+    used = dict(amp=simgen.cpu_has_bf16(), compile=False, channels_last=False)
+    assert simgen.Config(**straight["config"]) == tiny(steps=6, ckpt_every=100, **used)
+    assert straight["best"] is None and straight["switches"]["device"] == "cpu"
     assert straight["classes"][4] == {"id": 4, "name": "tool_tip", "value": 4}
     head = "step,loss,lr,images_per_s,seconds,fid,kid,sfid,skid\n"  # no scores: empty columns
     assert (tmp_path / "a" / "log.csv").read_text().startswith(head)
@@ -1167,19 +1172,28 @@ def test_eval_every_scores_the_pairs_sample_draws_and_keeps_the_best(tmp_path, s
     for column, name in zip(rows[1][5:], simgen.SCORES):
         expected = "" if want[name] is None else f"{want[name]:.6f}"
         assert column == expected, name
-    # best.pt: the weights of the row with the lowest FID, with its scores; sample takes it
+    # best.pt: the EMA weights of the row with the lowest FID, with its scores and protocol;
+    # sample takes it. ckpt.pt records the same.
     best = torch.load(run_dir / "best.pt", weights_only=True)
     fids = [float(r[5]) for r in rows]
-    assert best["step"] == int(rows[fids.index(min(fids))][0])
-    assert f"{best['scores']['fid']:.6f}" == f"{min(fids):.6f}"
+    assert best["step"] == best["best"]["step"] == int(rows[fids.index(min(fids))][0])
+    assert f"{best['best']['scores']['fid']:.6f}" == f"{min(fids):.6f}"
+    assert torch.load(ckpt, weights_only=True)["best"] == best["best"]
+    protocol = best["best"]["protocol"]
+    assert protocol["eval_n"] == 6 and protocol["val_pairs"] == 120
+    assert protocol["sampler"] == ("dpm++sde", 20) and protocol["seed"] == 0
+    assert "model" not in best and "optimizer" not in best and "sample" in best["what"]
     assert torch.equal(best["ema"]["init.weight"], torch.load(ckpt)["ema"]["init.weight"]) == (
         best["step"] == 20
     )
     sample(run_dir / "best.pt", tmp_path / "from-best", "--n", "2")
     # Resumed with a lower bar to beat: best.pt is replaced only by a lower FID than its own.
-    torch.save(dict(best, scores=dict(best["scores"], fid=-1.0)), run_dir / "best.pt")
+    state = torch.load(ckpt, weights_only=True)
+    state["best"]["scores"]["fid"] = -1.0
+    torch.save(state, ckpt)
     simgen.train(tiny(steps=30, ckpt_every=20, eval_every=10, eval_n=6), run_dir, {"steps"})
-    assert torch.load(run_dir / "best.pt")["scores"]["fid"] == -1.0
+    assert torch.load(run_dir / "best.pt")["step"] == best["step"]
+    assert torch.load(ckpt, weights_only=True)["best"]["scores"]["fid"] == -1.0
     rows = (run_dir / "log.csv").read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["10", "20", "30"] and rows[2].split(",")[5]
 
@@ -1292,10 +1306,9 @@ def test_bf16_is_the_default_on_a_cpu_with_bf16_units_and_no_amp_keeps_fp32(monk
         assert simgen.speedups(simgen.Config(), cpu) == (want, False, False)  # compile: CUDA's
         assert simgen.speedups(simgen.Config(amp=False), cpu)[0] is None  # --no-amp
         assert simgen.speedups(simgen.Config(), cpu, {"amp"})[0] == torch.bfloat16  # --amp
-        cfg, chosen, _ = simgen.train_config(
-            simgen.build_parser().parse_args(["train", "--no-amp"])
-        )
-        assert simgen.speedups(cfg, cpu, chosen)[0] is None
+        args = simgen.build_parser().parse_args(["train", "--no-amp"])
+        cfg, typed, *_ = simgen.train_config(args)
+        assert simgen.speedups(cfg, cpu, typed)[0] is None
         assert simgen.precision(want, cpu) == (
             "bfloat16 autocast (--no-amp: fp32)" if units else "fp32 (no bf16 units in this CPU)"
         )
@@ -1350,14 +1363,14 @@ def test_cli_flags_cover_every_config_field():
                 if isinstance(v, bool)
                 else [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
             )
-    cfg, chosen, out = simgen.train_config(simgen.build_parser().parse_args(argv))
-    assert cfg == want and out == Path("runs/x-paper")
-    cfg, chosen, out = simgen.train_config(
-        simgen.build_parser().parse_args(["train", "x", "--preset", "tiny"])
+    cfg, typed, preset, out = simgen.train_config(simgen.build_parser().parse_args(argv))
+    assert cfg == want and out == Path("runs/x-paper") and preset == set()
+    assert typed == {f.name for f in simgen.fields(simgen.Config)}
+    cfg, typed, preset, out = simgen.train_config(
+        simgen.build_parser().parse_args(["train", "x", "--preset", "tiny", "--lr", "0.5"])
     )
-    assert cfg == simgen.replace(TINY, data="x") and chosen == set(simgen.PRESETS["tiny"]) | {
-        "data"
-    }
+    assert cfg == simgen.replace(TINY, data="x", lr=0.5) and out == Path("runs/x-tiny")
+    assert typed == {"data", "lr"} and preset == set(simgen.PRESETS["tiny"])
 
 
 @pytest.mark.usefixtures("slow")
@@ -2178,6 +2191,12 @@ def test_an_unwritable_cache_is_a_warning_not_a_crash(tmp_path, monkeypatch, cap
         (["--log-every", "0"], "--log-every 0: must be >= 1"),
         (["--lr", "-1"], "--lr -1.0: must be > 0"),
         (["--ema-decay", "1"], "--ema-decay 1.0: must be in [0, 1)"),
+        (["--lr", "inf"], "--lr inf: must be finite"),
+        (["--snr-gamma", "nan"], "--snr-gamma nan: must be finite"),
+        (["--snr-gamma", "-1"], "--snr-gamma -1.0: must be >= 0"),
+        (["--warmup-steps", "-1"], "--warmup-steps -1: must be >= 0"),
+        (["--lr-schedule", "linear"], "--lr-schedule linear: use constant or cosine"),
+        (["--eval-every", "50"], "--eval-every 50: past --steps: no step would be scored"),
     ],
 )
 def test_each_bad_train_flag_is_one_line_before_any_work(tmp_path, capsys, argv, message):
@@ -2593,7 +2612,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last(tmp_path, mo
         return real_save(state, path)
 
     monkeypatch.setattr(simgen.torch, "save", full)
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 1))
+    monkeypatch.setattr(simgen.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 1))
     err = cli_error(
         ["train", "synthetic", "--preset", "tiny", "--steps", "6", "--ckpt-every", "2"]
         + ["--log-every", "2", "--out", str(tmp_path / "run")],
@@ -2655,8 +2674,18 @@ def test_ctrl_c_and_kill_stop_in_one_line(tmp_path, monkeypatch, capsys):
             simgen.main(["train", "synthetic", "--preset", "tiny", "--out", str(tmp_path / how)])
         assert e.value.code == 130
         err = capsys.readouterr().err
-        assert err.startswith("error: interrupted; nothing is half-written, and a run goes on")
-        assert err.count("\n") == 1 and signal.getsignal(signal.SIGTERM) is handler
+        assert (
+            err
+            == "error: interrupted; stopped before its first checkpoint: nothing kept, a rerun starts anew\n"
+        )
+        assert signal.getsignal(signal.SIGTERM) is handler and not (tmp_path / how).exists()
+    # after a checkpoint: the rerun goes on from it
+    monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", stop_at_step_3("ctrl-c"))
+    argv = ["train", "synthetic", "--preset", "tiny", "--ckpt-every", "2", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        simgen.main(argv)
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted; nothing is half-written, and a run goes on")
 
 
 def signal_handlers(_):
@@ -3068,3 +3097,272 @@ def test_trajectory_shows_a_given_half_as_given_and_the_forward_process_above(
     assert not np.array_equal(tile(picture, 5, 0, 0, 0), first)  # noised at t = T
     err = cli_error(["sample", str(tiny_ckpt), "--data", "synthetic"], capsys)
     assert "--given and --data go together (or --data with --trajectory)" in err
+
+
+# ------------------------------------------------------------------------------------------
+# A run's record: log.csv, ckpt.pt and best.pt describe the same run
+
+
+def rows_of(run_dir):
+    """log.csv as a list of dicts."""
+    head, *rows = [r.split(",") for r in (run_dir / "log.csv").read_text().splitlines()]
+    return [dict(zip(head, r)) for r in rows]
+
+
+def test_best_pt_is_never_ahead_of_ckpt_pt_even_when_stopped_between_checkpoints(
+    tmp_path, stand_in, monkeypatch, capsys
+):
+    # eval every 2 steps, checkpoints every 8: stopped in step 7, after scores at 2, 4, 6
+    real, calls = simgen.GaussianDiffusion.training_losses, []
+
+    def stopped(self, *args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", stopped)
+    run_dir, cfg = tmp_path / "run", tiny(steps=8, ckpt_every=8, eval_every=2, eval_n=4)
+    with pytest.raises(KeyboardInterrupt):
+        simgen.train(cfg, run_dir)
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    rows = rows_of(run_dir)
+    fids = {int(r["step"]): float(r["fid"]) for r in rows}
+    # every new best was checkpointed with it: best.pt is the lowest FID, ckpt.pt at or past it
+    assert best["step"] == min(fids, key=fids.get) == ckpt["best"]["step"] <= ckpt["step"]
+    assert sorted(fids) == [2, 4, 6]  # the rows of the steps trained: those past the checkpoint go
+
+    # resumed: the same as a run never stopped
+    monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", real)
+    simgen.train(cfg, run_dir)
+    straight = tmp_path / "straight"
+    simgen.train(cfg, straight)
+    timed = ("seconds", "images_per_s")
+    untimed = [
+        [{k: v for k, v in r.items() if k not in timed} for r in rows_of(d)]
+        for d in (run_dir, straight)
+    ]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 4  # steps 2, 4, 6, 8
+    a, b = (torch.load(d / "best.pt", weights_only=True) for d in (run_dir, straight))
+    assert a["step"] == b["step"] and torch.equal(a["ema"]["init.weight"], b["ema"]["init.weight"])
+
+
+def test_a_resume_with_another_protocol_starts_a_new_best(tmp_path, stand_in, capsys):
+    run_dir = tmp_path / "run"
+    simgen.train(tiny(steps=4, ckpt_every=4, eval_every=2, eval_n=4), run_dir)
+    first = torch.load(run_dir / "best.pt", weights_only=True)
+    # more pairs: a lower FID by its bias alone; it must not be compared with the old best
+    bar = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    bar["best"]["scores"]["fid"] = -1.0  # unbeatable within the old protocol
+    torch.save(bar, run_dir / "ckpt.pt")
+    capsys.readouterr()
+    simgen.train(tiny(steps=6, ckpt_every=4, eval_every=2, eval_n=6), run_dir, {"steps", "eval_n"})
+    out = capsys.readouterr().out
+    assert (
+        "best.pt: scored with {'eval_n': 4}, this run with {'eval_n': 6}: its first score starts a new best"
+        in out
+    )
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["step"] == 6 and best["best"]["protocol"]["eval_n"] == 6 and first["step"] <= 4
+    # the same protocol again: compared, and the bar of the new protocol's best holds
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["best"] == best["best"]
+
+
+def test_a_best_pt_missing_or_damaged_is_rewritten_from_the_checkpoint_that_records_it(
+    tmp_path, stand_in, capsys
+):
+    run_dir = tmp_path / "run"
+    cfg = tiny(steps=2, ckpt_every=2, eval_every=2, eval_n=4)
+    simgen.train(cfg, run_dir)  # best at step 2, the checkpoint's own step
+    want = torch.load(run_dir / "best.pt", weights_only=True)
+    for damage in (b"", b"half a best.pt"):
+        (run_dir / "best.pt").write_bytes(damage)  # as if stopped between ckpt.pt and best.pt
+        simgen.train(tiny(steps=4, ckpt_every=2, eval_every=2, eval_n=4), run_dir, {"steps"})
+        # best.pt came back from ckpt.pt at step 2 before training on; maybe replaced at 4
+        best = torch.load(run_dir / "best.pt", weights_only=True)
+        assert best["step"] in (2, 4) and best["best"] == torch.load(run_dir / "ckpt.pt")["best"]
+        if best["step"] == 2:
+            assert torch.equal(best["ema"]["init.weight"], want["ema"]["init.weight"])
+        shutil.rmtree(run_dir)
+        simgen.train(cfg, run_dir)
+    # without --eval-every a damaged best.pt is not read at all: the run goes on
+    (run_dir / "best.pt").write_bytes(b"")
+    simgen.train(tiny(steps=4, ckpt_every=2), run_dir, {"steps", "eval_every"})
+    assert torch.load(run_dir / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_train_never_overwrites_files_it_did_not_write(tmp_path, stand_in, capsys):
+    base = ["train", "synthetic", "--preset", "tiny", "--steps", "2"]
+    # a user's own log.csv
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "log.csv").write_text("epoch,accuracy\n1,0.5\n")
+    err = cli_error(base + ["--out", str(tmp_path / "a")], capsys)
+    assert (
+        err
+        == f"error: {tmp_path / 'a' / 'log.csv'}: not a log of train's; move it or choose another --out\n"
+    )
+    assert (tmp_path / "a" / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"
+    # a best.pt or grids with no checkpoint to resume: another run's
+    for name in ("best.pt", "grid_0000002.png"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_bytes(b"mine")
+        err = cli_error(base + ["--out", str(folder)], capsys)
+        assert f"holds {name} but no ckpt.pt to resume" in err
+        assert sorted(p.name for p in folder.iterdir()) == [name]
+    # a best.pt that is not SimGen's beside a run that would replace it
+    simgen.main(base + ["--eval-every", "2", "--eval-n", "4", "--out", str(tmp_path / "b")])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "b" / "best.pt")
+    before = (tmp_path / "b" / "best.pt").read_bytes()
+    err = cli_error(
+        base[:-1] + ["4", "--eval-every", "2", "--eval-n", "4", "--out", str(tmp_path / "b")],
+        capsys,
+    )
+    assert "best.pt: not a best.pt of train's" in err
+    assert (tmp_path / "b" / "best.pt").read_bytes() == before
+    # a run killed before its first checkpoint leaves a log.csv of train's: a new run replaces it
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "log.csv").write_text(
+        "step,loss,lr,images_per_s,seconds,fid,kid,sfid,skid\n1,0.9,0.001,1,1,,,,\n"
+    )
+    simgen.main(base + ["--out", str(tmp_path / "c")])
+    assert [r["step"] for r in rows_of(tmp_path / "c")] == ["2"]
+
+
+def test_a_preset_never_resets_a_resumed_runs_recipe(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "synthetic", "--preset", "tiny", "--out", str(out), "--steps"]
+    simgen.main(argv + ["2"])
+    simgen.main(argv + ["4", "--lr", "2.5e-4", "--warmup-steps", "1"])  # a decay by hand
+    simgen.main(argv + ["6"])  # the preset's lr (1e-3) and warmup (0) are not typed: kept
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert (
+        ckpt["step"] == 6
+        and ckpt["config"]["lr"] == 2.5e-4 == ckpt["optimizer"]["param_groups"][0]["lr"]
+    )
+    assert ckpt["config"]["warmup_steps"] == 1
+    assert [float(r["lr"]) for r in rows_of(out)] == [1e-3, 2.5e-4, 2.5e-4]
+    # a preset whose model differs from the run's is refused, as a typed flag is
+    err = cli_error(
+        ["train", "synthetic", "--preset", "demo", "--out", str(out), "--steps", "8"], capsys
+    )
+    assert "trained with base_channels=8, not 16" in err
+
+
+def test_the_checkpoint_records_the_precision_used_and_a_resume_keeps_it(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(simgen, "cpu_has_bf16", lambda: True)  # any CPU: bf16 by default
+    out = tmp_path / "run"
+    argv = ["train", "synthetic", "--preset", "tiny", "--out", str(out), "--steps"]
+    simgen.main(argv + ["2", "--no-amp"])
+    simgen.main(argv + ["4"])  # not given: fp32 kept
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["amp"] is False and ckpt["switches"]["amp"] == "float32"
+    assert ckpt["config"]["compile"] is False and ckpt["config"]["channels_last"] is False
+    assert capsys.readouterr().out.count("1 x cpu, fp32, eager") == 2
+    simgen.main(argv + ["6", "--amp"])  # given: bf16 from here
+    assert "1 x cpu, bfloat16 autocast" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=True)["switches"]["amp"] == "bfloat16"
+    # an older checkpoint (no "switches"; the defaults saved) runs as this device's default
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["switches"]
+    ckpt["config"].update(amp=True, compile=True, channels_last=True)
+    torch.save(ckpt, out / "ckpt.pt")
+    simgen.main(argv + ["8"])
+    assert "1 x cpu, bfloat16 autocast (--no-amp: fp32), eager" in capsys.readouterr().out
+
+
+def test_eval_needs_two_val_pairs_before_any_step(tmp_path, stand_in, capsys):
+    root = make_dataset(tmp_path / "d", [np.zeros((16, 16), np.uint8)] * 8)
+    (root / "train.txt").write_text("\n".join(f"s{i:03d}" for i in range(7)))
+    (root / "val.txt").write_text("s007\n")
+    out = tmp_path / "run"
+    err = cli_error(
+        ["train", str(root), "--preset", "tiny", "--eval-every", "10", "--out", str(out)], capsys
+    )
+    assert err == f"error: {root} [val]: 1 pair; --eval-every needs 2 to score\n"
+    assert not out.exists()
+
+
+def test_data_naming_a_file_and_the_papers_scale_on_a_cpu_say_so(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    err = cli_error(["train", str(tmp_path / "f"), "--out", str(tmp_path / "r")], capsys)
+    assert err == f"error: {tmp_path / 'f'}: a file, not a dataset folder\n"
+    # the paper's 256² on a CPU: said at once (here the run then stops: --out is a file)
+    with pytest.raises(SystemExit):
+        simgen.main(["train", "synthetic", "--preset", "paper", "--out", str(tmp_path / "f")])
+    out = capsys.readouterr().out
+    assert "warning: 256x256 is the paper's GPU scale" in out and "--preset demo" in out
+
+
+def test_palette_masks_get_one_palette_for_every_index_used(tmp_path):
+    # Oracle: the files' own palettes. s000 uses indices 0 and 1 with a 2-colour palette, s001
+    # uses 0 and 5 with a 6-colour one agreeing on index 0: the dataset's palette covers 5 too.
+    def mask(path, indices, palette):
+        im = Image.fromarray(np.array(indices, np.uint8).repeat(8, 0).repeat(8, 1), "L")
+        im.putpalette(palette)
+        write_image(path, im)
+
+    root = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_image(root / "images" / f"s{i:03d}.png", rng.integers(0, 256, (16, 16, 3), np.uint8))
+    mask(root / "masks" / "s000.png", [[0, 1], [1, 0]], [0, 0, 0, 200, 0, 0])
+    mask(root / "masks" / "s001.png", [[0, 5], [5, 5]], [0, 0, 0] + [1, 1, 1] * 4 + [0, 90, 0])
+    d = PairedFolder(root, 16, "all")
+    assert [c["value"] for c in d.classes] == [0, 1, 5]
+    assert d.palette[:6] == [0, 0, 0, 200, 0, 0] and d.palette[15:18] == [0, 90, 0]
+    colours = data.palette_colours(torch.tensor([[[0, 1, 2]]]), d.classes, d.palette)
+    assert colours.tolist() == [[[[0, 0, 0], [200, 0, 0], [0, 90, 0]]]]
+    # two masks colouring a used index differently: one line naming the file
+    mask(root / "masks" / "s001.png", [[0, 1], [1, 5]], [0, 0, 0, 0, 0, 200] + [0] * 9 + [0, 90, 0])
+    assert load_error(root, 16, "all") == (
+        f"{root / 'masks' / 's001.png'}: its palette colours index 1 (0, 0, 200), but s000.png's "
+        "(200, 0, 0); give every mask one palette"
+    )
+    # palette masks beside grey or colour masks: one line naming one of each
+    for other in (np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8)):
+        write_image(root / "masks" / "s001.png", other)
+        assert load_error(root, 16, "all") == (
+            f"{root / 'masks'}: palette masks (e.g. s000.png) beside masks without a palette "
+            "(e.g. s001.png); make them all of one kind"
+        )
+
+
+def test_exif_orientation_is_applied_to_images_and_masks_as_viewers_do(tmp_path):
+    # A 24 x 16 (w x h) picture as shown: its left third bright, the mask's class 1 there. The
+    # camera stored it turned (portrait, 16 x 24) with EXIF orientation 6: rotate 90° clockwise
+    # to show. The mask is a plain PNG of the shown picture.
+    shown = np.full((16, 24, 3), 30, np.uint8)
+    shown[:, :8] = 220
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:, :8] = 255
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)  # undone by orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    stored.save(root / "images" / "a.jpg", exif=exif, quality=95)
+    write_image(root / "masks" / "a.png", mask)
+    with Image.open(root / "images" / "a.jpg") as im:  # PIL's own viewer transform as the oracle
+        assert ImageOps.exif_transpose(im).size == (24, 16)
+    d = PairedFolder(root, 16, "all")
+    image, m = d.images[0].float().mean(0), d.masks[0].bool()
+    assert image[m].mean() > 180 and image[~m].mean() < 60  # the bright third is the masked one
+
+
+def test_an_rgba_mask_whose_classes_are_in_its_alpha_is_one_line(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[4:12, 4:12, 3] = 0  # the class in alpha alone
+    root = make_dataset(tmp_path / "d", [rgba, rgba])
+    assert load_error(root, 16, "all") == (
+        f"{root / 'masks' / 's000.png'}: one colour, its 2 alpha levels telling the classes apart; "
+        "classes are read from the colours: save them as grey levels or colours"
+    )
+    rgba[4:12, 4:12, :3] = 255  # the colours tell them apart too: read by colour, as before
+    root = make_dataset(tmp_path / "e", [rgba, rgba])
+    assert PairedFolder(root, 16, "all").num_classes == 2
