@@ -2674,10 +2674,8 @@ def test_ctrl_c_and_kill_stop_in_one_line(tmp_path, monkeypatch, capsys):
             simgen.main(["train", "synthetic", "--preset", "tiny", "--out", str(tmp_path / how)])
         assert e.value.code == 130
         err = capsys.readouterr().err
-        assert (
-            err
-            == "error: interrupted; stopped before its first checkpoint: nothing kept, a rerun starts anew\n"
-        )
+        nothing = "stopped before its first checkpoint: nothing kept, a rerun starts anew"
+        assert err == f"error: interrupted; {nothing}\n"
         assert signal.getsignal(signal.SIGTERM) is handler and not (tmp_path / how).exists()
     # after a checkpoint: the rerun goes on from it
     monkeypatch.setattr(simgen.GaussianDiffusion, "training_losses", stop_at_step_3("ctrl-c"))
@@ -3159,10 +3157,8 @@ def test_a_resume_with_another_protocol_starts_a_new_best(tmp_path, stand_in, ca
     capsys.readouterr()
     simgen.train(tiny(steps=6, ckpt_every=4, eval_every=2, eval_n=6), run_dir, {"steps", "eval_n"})
     out = capsys.readouterr().out
-    assert (
-        "best.pt: scored with {'eval_n': 4}, this run with {'eval_n': 6}: its first score starts a new best"
-        in out
-    )
+    said = "best.pt: scored with {'eval_n': 4}, this run with {'eval_n': 6}: its first score"
+    assert said + " starts a new best" in out
     best = torch.load(run_dir / "best.pt", weights_only=True)
     assert best["step"] == 6 and best["best"]["protocol"]["eval_n"] == 6 and first["step"] <= 4
     # the same protocol again: compared, and the bar of the new protocol's best holds
@@ -3199,10 +3195,8 @@ def test_train_never_overwrites_files_it_did_not_write(tmp_path, stand_in, capsy
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "log.csv").write_text("epoch,accuracy\n1,0.5\n")
     err = cli_error(base + ["--out", str(tmp_path / "a")], capsys)
-    assert (
-        err
-        == f"error: {tmp_path / 'a' / 'log.csv'}: not a log of train's; move it or choose another --out\n"
-    )
+    csv = tmp_path / "a" / "log.csv"
+    assert err == f"error: {csv}: not a log of train's; move it or choose another --out\n"
     assert (tmp_path / "a" / "log.csv").read_text() == "epoch,accuracy\n1,0.5\n"
     # a best.pt or grids with no checkpoint to resume: another run's
     for name in ("best.pt", "grid_0000002.png"):
