@@ -1103,9 +1103,9 @@ def sample(args):
 # ---------------------------------------------------------------------------------- eval (§3.5)
 
 
-def sample_scores(model, diffusion, cfg, num_classes, yardstick, amp=None):
-    """train --eval-every: SCORES of the cfg.eval_n pairs `sample --seed <cfg.seed> --sampler
-    dpm++sde` draws from model, against yardstick = (a data.PairedFolder, the Inception)."""
+def curve_pairs(model, diffusion, cfg, num_classes, amp=None):
+    """The cfg.eval_n pairs `sample --seed <cfg.seed> --sampler dpm++sde` draws from model: those
+    train --eval-every scores -> images uint8 (n, 3, S, S), masks long (n, S, S), on the CPU."""
     how, b, pairs = replace(cfg, sampler=CURVE_SAMPLER[0], sampler_steps=CURVE_SAMPLER[1]), 16, []
     b = min(b, cfg.eval_n)
     device = diffusion.betas.device  # where the model and its noise are
@@ -1113,10 +1113,40 @@ def sample_scores(model, diffusion, cfg, num_classes, yardstick, amp=None):
         g = make_generator(device, SAMPLE_STREAM, cfg.seed, i)
         with autocast(amp, device):
             pairs.append(generate(model, diffusion, how, num_classes, b, g)[:2])
-    fake = [torch.cat(v)[: cfg.eval_n] for v in zip(*pairs)]  # images, masks
+    return [torch.cat(v)[: cfg.eval_n] for v in zip(*pairs)]
+
+
+def sample_scores(model, diffusion, cfg, num_classes, yardstick, amp=None):
+    """train --eval-every: SCORES of curve_pairs against yardstick = (a PairedFolder, the
+    Inception)."""
+    fake = curve_pairs(model, diffusion, cfg, num_classes, amp)
     real, cache = (yardstick[0].images, yardstick[0].masks), data.features_cache(yardstick[0])
+    device = diffusion.betas.device
     scores = metrics.score(yardstick[1], real, fake, 50, device, None, cache)[0]
     return {n: scores[n] for n in SCORES}
+
+
+def checkpoint_pairs(path, real, real_split, size, device):
+    """eval REAL CKPT: the pairs of a checkpoint (best.pt, ckpt.pt) as train --eval-every drew
+    them (curve_pairs; its eval_n, precision and seed) beside REAL at the checkpoint's image size
+    -> (REAL's PairedFolder, fake images, fake masks in REAL's class ids)."""
+    ckpt = load_checkpoint(path)
+    cfg, best = Config(**ckpt["config"]), ckpt.get("best") or {}
+    if size not in (None, cfg.image_size):
+        raise ValueError(f"--image-size {size}: {path} draws {cfg.image_size}x{cfg.image_size}")
+    cfg = replace(cfg, eval_n=best.get("protocol", {}).get("eval_n", cfg.eval_n))
+    real_ds = data.PairedFolder(real, cfg.image_size, real_split)
+    ids = data.match_classes(ckpt["classes"], real_ds.classes, path, real)  # its ids -> REAL's
+    amp, *_ = fast = speedups(cfg, device, {"amp"} if "switches" in ckpt else ())  # as trained
+    model = ResUNet(cfg).eval()
+    model.load_state_dict(ckpt["ema"])
+    model = sampling_model(model.to(device), fast)
+    diffusion = GaussianDiffusion(cfg.timesteps, cfg.schedule).to(device)
+    print(
+        f"{path}: {cfg.eval_n} pairs, {CURVE_SAMPLER[0]} {CURVE_SAMPLER[1]} steps, seed {cfg.seed}"
+    )
+    images, masks = curve_pairs(model, diffusion, cfg, len(ckpt["classes"]), amp)
+    return real_ds, images, ids[masks]
 
 
 def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_size=50, device=None):
@@ -1126,9 +1156,13 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
     device = pick_device(device)
-    real_ds, fake_ds, fake_masks = data.eval_sets(real, fake, size, real_split, fake_split)
+    if Path(fake).is_file():  # a checkpoint: the pairs its training curve scored
+        real_ds, *fake_pairs = checkpoint_pairs(fake, real, real_split, size, device)
+    else:  # a dataset folder, sample's
+        real_ds, fake_ds, fake_masks = data.eval_sets(real, fake, size, real_split, fake_split)
+        fake_pairs = fake_ds.images, fake_masks
     start, inception = time.time(), metrics.load_inception()
-    real_pairs, fake_pairs = (real_ds.images, real_ds.masks), (fake_ds.images, fake_masks)
+    real_pairs = real_ds.images, real_ds.masks
     how = (batch_size, device, metrics.printer, data.features_cache(real_ds))
     scores, how = metrics.score(inception, real_pairs, fake_pairs, *how)
     for row in scores["per_class"]:  # each class's name and mask value beside its id
@@ -1138,8 +1172,8 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
     print(f"({size}x{size} images, {took:.0f}s)")
     k = data.synthetic_classes(real)
     if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
-        aligned = data.alignment_score(fake_ds.images, fake_masks, k)
-        shuffled = data.alignment_score(fake_ds.images, fake_masks.roll(1, 0), k)
+        aligned = data.alignment_score(*fake_pairs, k)
+        shuffled = data.alignment_score(fake_pairs[0], fake_pairs[1].roll(1, 0), k)
         scores |= dict(alignment=aligned, alignment_shuffled=shuffled)
         print(f"alignment of the fake pairs {aligned:.3f} (shuffled masks {shuffled:.3f})")
     sets = dict(real=str(real), real_split=real_split, fake=str(fake), fake_split=fake_split)
@@ -1391,7 +1425,9 @@ def build_parser():
 
     p = commands.add_parser("eval", help="FID, KID, sFID, sKID of generated pairs against real")
     p.add_argument("real", help="dataset folder or 'synthetic'; its features are cached")
-    p.add_argument("fake", help="dataset folder, e.g. sample's; classes matched by mask value")
+    p.add_argument(
+        "fake", help="dataset folder (sample's), or a checkpoint: the pairs its curve scored"
+    )
     p.add_argument("--json", help="write the scores here")
     p.add_argument("--real-split", default="all")
     p.add_argument("--fake-split", default="all")

@@ -1187,6 +1187,10 @@ def test_eval_every_scores_the_pairs_sample_draws_and_keeps_the_best(tmp_path, s
         best["step"] == 20
     )
     sample(run_dir / "best.pt", tmp_path / "from-best", "--n", "2")
+    # eval takes it too: the pairs its curve scored, so the same four numbers
+    again = ["eval", "synthetic", str(run_dir / "best.pt"), "--real-split", "val", "--json", js]
+    got = run(again, capsys)[1]
+    assert all(got[n] == best["best"]["scores"][n] for n in simgen.SCORES)
     # Resumed with a lower bar to beat: best.pt is replaced only by a lower FID than its own.
     state = torch.load(ckpt, weights_only=True)
     state["best"]["scores"]["fid"] = -1.0
