@@ -1098,11 +1098,16 @@ def synthetic_classes(root):
 
 
 def check_root(root):
-    """A one-line DataError unless root is a folder or names the built-in set: the check every
-    command makes before any work, and before any folder of its own is made."""
+    """A one-line DataError unless root is a dataset folder (images/ and masks/ in it) or names the
+    built-in set: the check every command makes before any work or folder of its own."""
     if synthetic_classes(root) is None and not Path(root).is_dir():
         why = "a file, not a dataset folder" if Path(root).exists() else "dataset folder not found"
         raise DataError(f"{root}: {why}")
+    for sub in ("images", "masks") if synthetic_classes(root) is None else ():
+        if not (Path(root) / sub).is_dir():
+            raise DataError(
+                f"{Path(root) / sub}: missing; a dataset has an images/ and a masks/ folder"
+            )
 
 
 def synthetic_colours(k):

@@ -894,7 +894,11 @@ def train(cfg, out, explicit=(), preset=()):
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
                 memory = f"; peak GPU memory {peak:.1f} GiB" if peak else ""
                 why = "compile, autotune; " if compiled else ""
-                log(f"first step {first:.1f}s ({why}not counted in the rates){memory}")
+                days = (cfg.steps - done) * first / 86400  # an upper bound: no compile again
+                pace = f"; at its pace the {cfg.steps - done} left take {days:.1f} days" * (
+                    days > 1
+                )
+                log(f"first step {first:.1f}s ({why}not counted in the rates){memory}{pace}")
             due = done % cfg.ckpt_every == 0 or done == cfg.steps
             scored = cfg.eval_every and done % cfg.eval_every == 0  # FID & co. of the EMA
             row = due or scored or done % cfg.log_every == 0  # a line and a row of log.csv
@@ -1157,6 +1161,8 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
             raise ValueError(f"{flag} {value}: must be at least 1")
     device = pick_device(device)
     if Path(fake).is_file():  # a checkpoint: the pairs its training curve scored
+        if fake_split != "all":
+            raise ValueError(f"--fake-split {fake_split}: {fake} is a checkpoint, not a dataset")
         real_ds, *fake_pairs = checkpoint_pairs(fake, real, real_split, size, device)
     else:  # a dataset folder, sample's
         real_ds, fake_ds, fake_masks = data.eval_sets(real, fake, size, real_split, fake_split)

@@ -3364,3 +3364,31 @@ def test_an_rgba_mask_whose_classes_are_in_its_alpha_is_one_line(tmp_path):
     rgba[4:12, 4:12, :3] = 255  # the colours tell them apart too: read by colour, as before
     root = make_dataset(tmp_path / "e", [rgba, rgba])
     assert PairedFolder(root, 16, "all").num_classes == 2
+
+
+def test_odd_uses_of_a_runs_files_are_one_line_each(tmp_path, stand_in, capsys):
+    run_dir = tmp_path / "run"
+    simgen.train(tiny(steps=2, ckpt_every=2, eval_every=2, eval_n=4), run_dir)
+    best = run_dir / "best.pt"
+    cases = [  # (argv, the error's end)
+        (["eval", "synthetic", str(best), "--fake-split", "val"], "is a checkpoint, not a dataset"),
+        (["eval", "synthetic", str(best), "--image-size", "32"], f"{best} draws 16x16"),
+        (["eval", "synthetic", str(run_dir / "log.csv")], "not a readable checkpoint (IndexError)"),
+        (
+            ["sample", str(run_dir / "grid_0000002.png")],
+            "not a readable checkpoint (UnpicklingError)",
+        ),
+        (
+            ["eval", str(run_dir), "synthetic"],
+            "missing; a dataset has an images/ and a masks/ folder",
+        ),
+    ]
+    for argv, end in cases:
+        assert cli_error(argv, capsys).rstrip().endswith(end), argv
+    assert not list((tmp_path / "cache").glob("synthetic-256-*"))  # failed before decoding
+    # best.pt copied over ckpt.pt: the EMA alone cannot be resumed
+    shutil.copy(best, run_dir / "ckpt.pt")
+    err = cli_error(["train", "synthetic", "--preset", "tiny", "--out", str(run_dir)], capsys)
+    assert (
+        "holds the EMA weights only (a best.pt), which train cannot resume; sample takes it" in err
+    )
