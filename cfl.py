@@ -49,7 +49,7 @@ def fibonacci_lattice(n: int) -> torch.Tensor:
     return torch.stack([r * torch.cos(lon), r * torch.sin(lon), z], dim=1).float()
 
 
-def palette(n: int, scheme: str = "cfl") -> torch.Tensor:
+def class_codes(n: int, scheme: str = "cfl") -> torch.Tensor:
     """The colour code of each class, (n, 3) float32 in [-1, 1]; row k is class k."""
     if scheme == "cfl":
         return fibonacci_lattice(n)
@@ -65,9 +65,9 @@ def palette(n: int, scheme: str = "cfl") -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _palette_on(n: int, scheme: str, device: torch.device) -> torch.Tensor:
-    # The palette made once per device: a copy to a GPU waits for the work queued there.
-    return palette(n, scheme).to(device)
+def _class_codes_on(n: int, scheme: str, device: torch.device) -> torch.Tensor:
+    # The codes made once per device: a copy to a GPU waits for the work queued there.
+    return class_codes(n, scheme).to(device)
 
 
 def encode(mask: torch.Tensor, n: int, scheme: str = "cfl", check: bool = True) -> torch.Tensor:
@@ -79,7 +79,7 @@ def encode(mask: torch.Tensor, n: int, scheme: str = "cfl", check: bool = True) 
     mask = mask.long()
     if check and mask.numel() and (mask.min() < 0 or mask.max() >= n):
         raise ValueError(f"mask holds class ids outside 0..{n - 1}")
-    return _palette_on(n, scheme, mask.device)[mask].movedim(-1, -3)  # (..., 3, H, W)
+    return _class_codes_on(n, scheme, mask.device)[mask].movedim(-1, -3)  # (..., 3, H, W)
 
 
 def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
@@ -96,7 +96,7 @@ def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     # collapse and gives the ablated encodings their best chance, so that the comparison
     # measures the encoding alone.
     """
-    codes = palette(n, scheme).to(device=x.device, dtype=x.dtype)
+    codes = class_codes(n, scheme).to(device=x.device, dtype=x.dtype)
     if scheme == "cfl":
         # cosine similarity = dot product of unit vectors
         x_unit = torch.nn.functional.normalize(x, dim=-3)
@@ -111,14 +111,14 @@ def decode(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
 
 def min_distance(n: int, scheme: str = "cfl") -> float:
     """The smallest Euclidean distance between two of the n class codes (inf for n = 1)."""
-    codes = palette(n, scheme).double()
+    codes = class_codes(n, scheme).double()
     return torch.cdist(codes, codes).fill_diagonal_(float("inf")).min().item()
 
 
 def ambiguous(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     """Pixels of a code image (..., 3, H, W) farther than half the smallest code distance from
     every code: no code is clearly the nearest, so decoding them is a guess. -> bool (..., H, W)."""
-    codes = palette(n, scheme).to(device=x.device, dtype=torch.float32)
+    codes = class_codes(n, scheme).to(device=x.device, dtype=torch.float32)
     d2 = (x.float().movedim(-3, -1)[..., None, :] - codes).square().sum(-1)  # (..., H, W, n)
     return d2.min(-1).values.sqrt() > min_distance(n, scheme) / 2
 
@@ -126,7 +126,7 @@ def ambiguous(x: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
 def colorize(mask: torch.Tensor, n: int, scheme: str = "cfl") -> torch.Tensor:
     """Class ids (..., H, W) -> uint8 RGB picture (..., H, W, 3) in the scheme's colours."""
     # [-1, 1] -> 0..255 as data.to_uint8 maps images; written out so that cfl.py stands alone
-    rgb = ((palette(n, scheme) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    rgb = ((class_codes(n, scheme) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return rgb.to(mask.device)[mask.long()]
 
 

@@ -344,7 +344,7 @@ def save_cache(path, save):
 
 
 def cached(name, key, build):
-    """The dict for key from the cache, else build() it and cache it -> (dict, how it was got).
+    """The dict for key from the cache, else build() it and cache it -> (dict, its source).
     The dict holds what torch.load(weights_only=True) reads: tensors, lists, numbers, strings."""
     path = cache_file(name, key, ".pt")
     if path.exists():
@@ -441,14 +441,14 @@ class PairedFolder(torch.utils.data.Dataset):
             raise DataError(
                 f"{self.root}: no pairs in its {split} split ({len(stems)} pairs in all)"
             )
-        data, how = cached(name, key, build)
+        data, source = cached(name, key, build)
         self.images, self.masks = data["images"][index], data["masks"][index]
         self.stems = [data["stems"][i] for i in index.tolist()]
         self.classes, self.num_classes = data["classes"], len(data["classes"])
         self.palette = data["palette"]  # palette masks': [r, g, b, ...] by index, else None
         print(
             f"{self.root} [{split}]: {len(self)} of {len(stems)} pairs at {image_size}x"
-            f"{image_size}, {how} ({time.time() - start:.1f}s); {self.num_classes} classes: "
+            f"{image_size}, {source} ({time.time() - start:.1f}s); {self.num_classes} classes: "
             + ", ".join(f"{c['id']}={c['name']}({c['value']})" for c in self.classes)
         )
         if k is None and not (folder / "classes.json").exists():
@@ -870,26 +870,6 @@ def eval_sets(real, fake, size=None, real_split="all", fake_split="all"):
         fake_ds,
         match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()],
     )
-
-
-def features_cache(ds):
-    """The cache (cached) of the Inception features of a PairedFolder, for metrics.score: its
-    file named by the folder's path, split and size; metrics.score keys it by the content."""
-    where = Path(ds.root).resolve()
-    name = f"eval-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
-    return partial(cached, f"{name}-{ds.split}-{ds.images.shape[-1]}")
-
-
-def resume_log(path, step, columns):
-    """A run's log.csv (path) as of its checkpoint at step: the header, then the rows up to step;
-    the rows past it, of a run stopped after its checkpoint, go. An older log's rows are laid out
-    in columns by its own header, empty where it had no such column."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    header = lines[0].split(",") if lines else columns
-    rows = [dict(zip(header, r.split(","))) for r in lines[1:]]
-    rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
-    rows = [",".join(r.get(c, "") for c in columns) for r in rows]
-    path.write_text("".join(f"{r}\n" for r in [",".join(columns), *rows]))
 
 
 def write_file(path, write):

@@ -534,10 +534,10 @@ def score(model, real, fake, batch_size=50, device=None, progress=None, cache=No
     (images uint8 (N, 3, H, W), masks (N, H, W) class ids that mean the same classes in both).
 
     :param progress: optional callable(name) -> a dataset_features progress, e.g. printer
-    :param cache: optional callable(key, build) -> (features, how they came) that keeps the real
+    :param cache: optional callable(key, build) -> (features, their source) that keeps the real
         set's features, build() a dict of tensors; key is everything they depend on: the
         pixels, the classes, the network's weights, the region rule.
-    :return: distances' dict, and how the real features came ("computed" without a cache)
+    :return: distances' dict, and the real features' source ("computed" without a cache)
     """
 
     def features(name, images, masks):  # float64 (N, 2048) arrays, as tensors for a cache
@@ -550,9 +550,9 @@ def score(model, real, fake, batch_size=50, device=None, progress=None, cache=No
         content.update(t.contiguous().cpu().numpy())
     key = (MIN_REGION_PIXELS, BLANK, content.hexdigest())
     build = functools.partial(features, "real", *real)
-    real_feats, how = cache(key, build) if cache else (build(), "computed")
+    real_feats, source = cache(key, build) if cache else (build(), "computed")
     arrays = [{k: v.numpy() for k, v in f.items()} for f in (real_feats, features("fake", *fake))]
-    return distances(*arrays), how
+    return distances(*arrays), source
 
 
 # ----------------------------------------------------------------------------------------------

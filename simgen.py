@@ -17,10 +17,13 @@ Commands: train [DATA], sample CKPT, eval REAL FAKE, segment TRAIN --test REAL, 
 import argparse
 import contextlib
 import copy
+import hashlib
+import inspect
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -48,6 +51,9 @@ SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # GaussianDiffusion.sample_loo
 SPEED_FIELDS = ("amp", "compile", "channels_last")  # the GPU switches: they change no result
 LR_SCHEDULES = ("constant", "cosine")  # --lr-schedule
 LR_FLOOR = 0.1  # the cosine schedule's last rate, in units of --lr
+# The choices of Config's str fields: -h lists them, __post_init__ checks them
+CHOICES = dict(schedule=("linear", "cosine"), mask_scheme=cfl.SCHEMES, grid_sampler=SAMPLERS)
+CHOICES |= dict(lr_schedule=LR_SCHEDULES)
 
 # ------------------------------------------------------------------------------------------ config
 
@@ -60,8 +66,8 @@ class Config:
     channel_mults: tuple = (1, 2, 4, 8)  # width of each level, in base_channels
     # diffusion (§3.4)
     timesteps: int = 250  # T, forward-process steps
-    schedule: str = "linear"  # betas: linear (DDPM's, scaled to T) | cosine (Nichol & Dhariwal)
-    mask_scheme: str = "cfl"  # mask code: cfl (§3.2) | gray | random (the §5.3 ablation)
+    schedule: str = "linear"  # betas: linear (DDPM's, scaled to T) or cosine (Nichol & Dhariwal)
+    mask_scheme: str = "cfl"  # mask code: cfl (§3.2), or gray or random (the §5.3 ablation)
     # training (§4.2)
     steps: int = 200_000  # optimizer steps; Note: the paper gives 5 V100-days, not a step count
     batch_size: int = 16  # global batch, split over DDP ranks
@@ -71,19 +77,20 @@ class Config:
     seed: int = 0  # init, batches, noise: all randomness of a step is a function of (seed, step)
     real_fraction: float = 1.0  # of the train split, drawn by seed: segment's subset (Fig. 15)
     # the recipe's levers (departures; the defaults are the paper's constant-rate epsilon MSE)
-    snr_gamma: float = 0.0  # Min-SNR-gamma loss weight min(SNR_t, gamma) / SNR_t; 0: off
-    lr_schedule: str = "constant"  # constant | cosine: from lr to lr * LR_FLOOR at --steps
+    snr_gamma: float = 0.0  # Min-SNR-gamma: each loss weighted min(SNR_t, gamma) / SNR_t; 0: off
+    lr_schedule: str = "constant"  # constant, or cosine: from --lr down to --lr / 10 at --steps
     warmup_steps: int = 0  # the rate rises linearly from lr / N to lr over the first N steps
-    amp: bool = True  # bf16 autocast (CUDA, and CPUs with bf16 units; fp16 on pre-Ampere GPUs)
-    compile: bool = True  # torch.compile (likewise)
-    channels_last: bool = True  # NHWC memory format (likewise)
+    # speed: how fast, never what is computed
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with bf16 units (fp16 before Ampere)
+    compile: bool = True  # torch.compile (CUDA; on a CPU only when given)
+    channels_last: bool = True  # NHWC memory format (CUDA; on a CPU only when given)
     # io
     data: str = "synthetic"  # dataset folder, "synthetic" or "synthetic:K"
     log_every: int = 100  # steps between progress lines and log.csv rows
     ckpt_every: int = 5000  # steps between checkpoints and sample grids
     sample_n: int = 16  # pairs in each sample grid
-    sampler: str = "ddpm"  # the grids' sampler (SAMPLERS); ddpm takes all T steps, as the paper
-    sampler_steps: int = 20  # steps of the other samplers
+    grid_sampler: str = "ddpm"  # the training grids' sampler; ddpm takes all T steps
+    grid_steps: int = 20  # steps of the other grid samplers
     eval_every: int = 0  # steps between FID/KID/sFID/sKID of eval_n pairs vs the val split; 0: off
     eval_n: int = 120  # pairs sampled for each of those scores (dpm++sde, 20 steps)
 
@@ -95,7 +102,7 @@ class Config:
                 raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: not a {kind.__name__}")
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         positive = "image_size base_channels timesteps steps batch_size log_every ckpt_every"
-        positive += " sample_n sampler_steps"
+        positive += " sample_n grid_steps"
         floats = [f.name for f in fields(self) if f.type is float]  # inf and nan pass > and <
         checks = [(n, math.isfinite(getattr(self, n)), "must be finite") for n in floats]
         checks += [(n, getattr(self, n) >= 1, "must be >= 1") for n in positive.split()]
@@ -104,14 +111,11 @@ class Config:
             *[(n, getattr(self, n) > 0, "must be > 0") for n in ("lr", "grad_clip")],
             *[(n, getattr(self, n) >= 0, "must be >= 0") for n in ("seed", "eval_every")],
             *[(n, getattr(self, n) >= 0, "must be >= 0") for n in ("snr_gamma", "warmup_steps")],
-            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, "use constant or cosine"),
             ("eval_n", self.eval_n >= 2, "must be >= 2: FID and KID need two pairs"),
             ("eval_every", self.eval_every <= self.steps, "past --steps: no step would be scored"),
             ("real_fraction", 0 < self.real_fraction <= 1, "must be in (0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
-            ("sampler", self.sampler in SAMPLERS, f"use one of {', '.join(SAMPLERS)}"),
-            ("schedule", self.schedule in ("linear", "cosine"), "use linear or cosine"),
-            ("mask_scheme", self.mask_scheme in cfl.SCHEMES, "use cfl, gray or random"),
+            *[(n, getattr(self, n) in c, f"use {' or '.join(c)}") for n, c in CHOICES.items()],
             ("channel_mults", levels and min(self.channel_mults) >= 1, "use positive integers"),
             ("timesteps", self.schedule != "linear" or self.timesteps > 20, "linear needs T > 20"),
             ("image_size", self.image_size % 2**levels == 0, f"must be divisible by 2^{levels}"),
@@ -369,8 +373,14 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample_loop(self, model, shape, generator=None):
-        """DDPM Algorithm 2: x_T ~ N(0, I), then T ancestral steps. -> x_0 (shape) in [-1, 1]."""
-        return self.sample_loop(model, shape, "ddpm", generator=generator)
+        """DDPM Algorithm 2, as the paper writes it -> x_0 (shape) in [-1, 1]. sample_loop("ddpm")
+        draws the same (tested), and serves the other samplers and conditional sampling too."""
+        device = generator.device if generator is not None else None
+        x = torch.randn(shape, generator=generator, device=device)  # line 1: x_T ~ N(0, I)
+        for i in reversed(range(self.num_timesteps)):  # line 2: for t = T, ..., 1
+            t = torch.full((shape[0],), i, dtype=torch.long, device=x.device)
+            x = self.p_sample(model, x, t, generator)["sample"]  # lines 3-4: x_{t-1}
+        return x  # line 6
 
     def ddim_sample(self, model, x, t, t_prev, eta=0.0, generator=None):
         """One DDIM step (Song et al. 2021, Eq. 12) from t to t_prev < t; t_prev None gives x_0.
@@ -498,11 +508,12 @@ RANK_STREAM = 1  # (seed, step, rank): one DDP rank's flips, t and noise
 SAMPLE_STREAM = 2  # (seed, k): the k-th batch of samples (k = 0: the grids made in training)
 SUBSET_STREAM = 3  # (seed,): the real pairs --real-fraction keeps, in train and in segment
 # The fields a resumed run may change; the others must be those it was trained with.
-RESUMABLE = {"steps", "log_every", "ckpt_every", "sample_n", "sampler", "sampler_steps"}
+RESUMABLE = {"steps", "log_every", "ckpt_every", "sample_n", "grid_sampler", "grid_steps"}
 RESUMABLE |= {"eval_every", "eval_n", "lr", *SPEED_FIELDS}  # lr: a step decay, by hand
 RESUMABLE |= {"snr_gamma", "lr_schedule", "warmup_steps"}  # the recipe's levers
 SCORES = ("fid", "kid", "sfid", "skid")  # --eval-every's columns of log.csv
 CURVE_SAMPLER = ("dpm++sde", 20)  # --eval-every's sampler and its steps
+RENAMED = {"sampler": "grid_sampler", "sampler_steps": "grid_steps"}  # config fields, 2026-12
 
 
 def make_generator(device, stream, *key):
@@ -612,6 +623,7 @@ def load_checkpoint(path, resume=False):
         why = "holds the EMA weights only (a best.pt), which train cannot resume"
         raise data.DataError(f"{path}: {why}; sample takes it")
     try:  # its config and weights must fit this code: Config's checks, the weights' shapes
+        ckpt["config"] = {RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
         cfg = Config(**ckpt["config"])
     except (TypeError, ValueError) as e:
         raise data.DataError(f"{path}: its config does not fit this SimGen ({e})") from None
@@ -683,6 +695,18 @@ def sampling_model(model, fast):
     if fast[2]:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model, dynamic=False) if fast[1] else model  # one shape: batches padded
+
+
+def resume_log(path, step, columns):
+    """A run's log.csv (path) as of its checkpoint at step: the header, then the rows up to step;
+    the rows past it, of a run stopped after its checkpoint, go. An older log's rows are laid out
+    in columns by its own header, empty where it had no such column."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    header = lines[0].split(",") if lines else columns
+    rows = [dict(zip(header, r.split(","))) for r in lines[1:]]
+    rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+    rows = [",".join(r.get(c, "") for c in columns) for r in rows]
+    path.write_text("".join(f"{r}\n" for r in [",".join(columns), *rows]))
 
 
 def check_run_files(out, ckpt):
@@ -854,12 +878,12 @@ def train(cfg, out, explicit=(), preset=()):
             model = nn.parallel.DistributedDataParallel(model, ids, gradient_as_bucket_view=True)
         model = torch.compile(model) if compiled else model
         grid_model = sampling_model(ema, fast) if rank == 0 else None
-        how = [precision(amp, device), "compile" if compiled else "eager"]
-        how += ["channels_last"] * channels_last + ["GradScaler: fp16"] * scaler.is_enabled()
+        running = [precision(amp, device), "compile" if compiled else "eager"]
+        running += ["channels_last"] * channels_last + ["GradScaler: fp16"] * scaler.is_enabled()
         millions = sum(p.numel() for p in raw.parameters()) / 1e6
-        log(f"{millions:.1f}M parameters; {world} x {device.type}, {', '.join(how)}")
+        log(f"{millions:.1f}M parameters; {world} x {device.type}, {', '.join(running)}")
         if rank == 0:  # a row per progress line; on resume, the rows past the checkpoint go
-            data.resume_log(csv, start, ["step", "loss", "lr", "images_per_s", "seconds", *SCORES])
+            resume_log(csv, start, ["step", "loss", "lr", "images_per_s", "seconds", *SCORES])
             written.add(csv.name)
         kept = f"stopped, {ckpt_path} (step {start}) is kept" if start else "stopped, no checkpoint"
         params, ema_params = list(raw.parameters()), list(ema.parameters())
@@ -951,7 +975,8 @@ def train(cfg, out, explicit=(), preset=()):
             if due and rank == 0:  # the same noise every time: the grids show the training
                 g = make_generator(device, SAMPLE_STREAM, cfg.seed, 0)
                 with autocast(amp, device):
-                    pairs = generate(grid_model, diffusion, cfg, k, cfg.sample_n, g)[:2]
+                    draw = Draw(cfg.sample_n, cfg.grid_sampler, cfg.grid_steps)
+                    pairs = generate(grid_model, diffusion, cfg, k, draw, g)[:2]
                 colours = cfl.colorize(pairs[1], k, cfg.mask_scheme)
                 data.grid(pairs[0], colours).save(out / f"grid_{done:07d}.png")
             if (due or scored) and world > 1:  # the others wait here, not in the next all-reduce
@@ -973,12 +998,16 @@ def train(cfg, out, explicit=(), preset=()):
 # ------------------------------------------------------------------ sample (DDPM Algorithm 2)
 
 
+# What generate draws: n pairs by a sampler of SAMPLERS and its steps (ddpm: all T, steps unused)
+Draw = NamedTuple("Draw", [("n", int), ("sampler", str), ("steps", int)])
+
+
 @torch.no_grad()
-def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
-    """n pairs from noise by cfg.sampler (DDPM Algorithm 2 by default), every draw from generator,
-    masks decoded (§3.4); known: conditional sampling (sample_loop). -> images uint8 (n, 3, S, S),
-    masks long (n, S, S) class ids, the pixels of ambiguous codes bool (n, S, S), on the CPU"""
-    shape, shown = (n, 6, cfg.image_size, cfg.image_size), [time.time()]
+def generate(model, diffusion, cfg, num_classes, draw, generator, known=None):
+    """draw.n pairs from noise by draw.sampler (DDPM Algorithm 2 by default), every random draw from
+    generator, masks decoded (§3.4); known: conditional sampling (sample_loop). -> images uint8
+    (n, 3, S, S), masks long (n, S, S) class ids, pixels of ambiguous codes bool (n, S, S), CPU"""
+    shape, shown = (draw.n, 6, cfg.image_size, cfg.image_size), [time.time()]
 
     def network(x, t):  # the model, and a progress line every 10 s of sampling
         if time.time() - shown[0] >= 10:
@@ -986,7 +1015,7 @@ def generate(model, diffusion, cfg, num_classes, n, generator, known=None):
             shown[0] = time.time()
         return model(x, t)
 
-    x = diffusion.sample_loop(network, shape, cfg.sampler, cfg.sampler_steps, generator, known)
+    x = diffusion.sample_loop(network, shape, draw.sampler, draw.steps, generator, known)
     x = x.float()  # (n, 3+3, S, S) in [-1, 1]: the image beside its mask's code
     # §3.4: each mask pixel is the class whose lattice point is nearest in cosine similarity
     # (Deviation: grey and random codes by the nearest code instead: see cfl.decode)
@@ -1010,10 +1039,10 @@ def sample(args):
     out, device = Path(args.out), pick_device()
     # The checkpoint carries the config and the classes: no flags to re-type, no size mismatch.
     ckpt = load_checkpoint(args.ckpt)  # on the CPU: only the EMA weights go to the device
-    cfg = replace(Config(**ckpt["config"]), sampler=args.sampler, sampler_steps=args.steps or 20)
+    cfg, steps = Config(**ckpt["config"]), args.steps or 20
     classes, k, palette = ckpt["classes"], len(ckpt["classes"]), ckpt.get("palette")
-    if args.sampler != "ddpm" and cfg.sampler_steps > cfg.timesteps:
-        print(f"--steps {cfg.sampler_steps}: the model has T = {cfg.timesteps}; taking all of them")
+    if args.sampler != "ddpm" and steps > cfg.timesteps:
+        print(f"--steps {steps}: the model has T = {cfg.timesteps}; taking all of them")
     if args.given is not None and data.declared_classes(args.data):  # before decoding DATA
         data.match_classes(data.declared_classes(args.data), classes, args.data, args.ckpt)
     chosen = {name: getattr(args, name) for name in SPEED_FIELDS if getattr(args, name) is not None}
@@ -1037,7 +1066,7 @@ def sample(args):
         keep = ((torch.arange(6) < 3) == (args.given == "images")).view(1, 6, 1, 1).to(device)
 
     b, written, started = min(args.batch_size, n), [], time.time()
-    ts = diffusion.sampling_timesteps(cfg.sampler, cfg.sampler_steps)  # --trajectory: at about
+    ts = diffusion.sampling_timesteps(args.sampler, steps)  # --trajectory: at about
     frames = {ts[j]: None for j in np.linspace(0, len(ts) - 1, 8).round().astype(int)}  # 8 of them
 
     def recorded(x, t):  # the model, and what it sees and implies at those steps
@@ -1064,7 +1093,7 @@ def sample(args):
                 known = Known(x, keep, args.resample)  # (b, 6, S, S) where keep is True
             with autocast(amp, device):
                 net = recorded if args.trajectory and i == 0 else model  # costs nothing unasked
-                pairs = generate(net, diffusion, cfg, k, b, g, known)
+                pairs = generate(net, diffusion, cfg, k, Draw(b, args.sampler, steps), g, known)
             images, masks, unsure = (v[:m] for v in pairs)  # the first m of b
             colours = cfl.colorize(masks, k, cfg.mask_scheme)
             if palette is not None:  # a palette dataset's masks: its own colours, "P" PNGs
@@ -1107,16 +1136,25 @@ def sample(args):
 # ---------------------------------------------------------------------------------- eval (§3.5)
 
 
+def features_cache(ds):
+    """The cache (cached) of the Inception features of a PairedFolder, for metrics.score: its
+    file named by the folder's path, split and size; metrics.score keys it by the content."""
+    where = Path(ds.root).resolve()
+    name = f"eval-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
+    return partial(data.cached, f"{name}-{ds.split}-{ds.images.shape[-1]}")
+
+
 def curve_pairs(model, diffusion, cfg, num_classes, amp=None):
     """The cfg.eval_n pairs `sample --seed <cfg.seed> --sampler dpm++sde` draws from model: those
     train --eval-every scores -> images uint8 (n, 3, S, S), masks long (n, S, S), on the CPU."""
-    how, b, pairs = replace(cfg, sampler=CURVE_SAMPLER[0], sampler_steps=CURVE_SAMPLER[1]), 16, []
-    b = min(b, cfg.eval_n)
+    b, pairs = min(16, cfg.eval_n), []
     device = diffusion.betas.device  # where the model and its noise are
     for i in range(math.ceil(cfg.eval_n / b)):  # batches of b, as sample draws them
         g = make_generator(device, SAMPLE_STREAM, cfg.seed, i)
         with autocast(amp, device):
-            pairs.append(generate(model, diffusion, how, num_classes, b, g)[:2])
+            pairs.append(
+                generate(model, diffusion, cfg, num_classes, Draw(b, *CURVE_SAMPLER), g)[:2]
+            )
     return [torch.cat(v)[: cfg.eval_n] for v in zip(*pairs)]
 
 
@@ -1124,7 +1162,7 @@ def sample_scores(model, diffusion, cfg, num_classes, yardstick, amp=None):
     """train --eval-every: SCORES of curve_pairs against yardstick = (a PairedFolder, the
     Inception)."""
     fake = curve_pairs(model, diffusion, cfg, num_classes, amp)
-    real, cache = (yardstick[0].images, yardstick[0].masks), data.features_cache(yardstick[0])
+    real, cache = (yardstick[0].images, yardstick[0].masks), features_cache(yardstick[0])
     device = diffusion.betas.device
     scores = metrics.score(yardstick[1], real, fake, 50, device, None, cache)[0]
     return {n: scores[n] for n in SCORES}
@@ -1169,12 +1207,12 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
         fake_pairs = fake_ds.images, fake_masks
     start, inception = time.time(), metrics.load_inception()
     real_pairs = real_ds.images, real_ds.masks
-    how = (batch_size, device, metrics.printer, data.features_cache(real_ds))
-    scores, how = metrics.score(inception, real_pairs, fake_pairs, *how)
+    options = (batch_size, device, metrics.printer, features_cache(real_ds))
+    scores, source = metrics.score(inception, real_pairs, fake_pairs, *options)
     for row in scores["per_class"]:  # each class's name and mask value beside its id
         row.update({k: real_ds.classes[row["class"]][k] for k in ("name", "value")})
     size, took = real_ds.images.shape[-1], time.time() - start
-    print(f"{real} [{real_split}]: Inception features {how}\n{metrics.report(scores)}")
+    print(f"{real} [{real_split}]: Inception features {source}\n{metrics.report(scores)}")
     print(f"({size}x{size} images, {took:.0f}s)")
     k = data.synthetic_classes(real)
     if k is not None:  # the built-in set's colours tell each pixel's class from the image alone
@@ -1183,8 +1221,8 @@ def evaluate(real, fake, size=None, real_split="all", fake_split="all", batch_si
         scores |= dict(alignment=aligned, alignment_shuffled=shuffled)
         print(f"alignment of the fake pairs {aligned:.3f} (shuffled masks {shuffled:.3f})")
     sets = dict(real=str(real), real_split=real_split, fake=str(fake), fake_split=fake_split)
-    how = "cached" if how.startswith("loaded") else "computed"
-    return dict(sets, image_size=size, real_features=how, **scores)
+    source = "cached" if source.startswith("loaded") else "computed"
+    return dict(sets, image_size=size, real_features=source, **scores)
 
 
 # -------------------------------------------------------------------------------- segment (§5.5)
@@ -1362,10 +1400,9 @@ def bench(config=None, repeats=None, profile=False):
     net = sampling_model(ResUNet(cfg).to(device).eval(), fast)
 
     def draw(sampler, steps):
-        how = replace(cfg, sampler=sampler, sampler_steps=steps)
         g = make_generator(device, SAMPLE_STREAM, 0, 0)
         with autocast(amp, device):
-            generate(net, diffusion, how, 5, 16, g)
+            generate(net, diffusion, cfg, 5, Draw(16, sampler, steps), g)
 
     draw("ddim", 2)  # the warm-up (compilation) with 2 steps: 250 would double a CPU's time
     res["sample"] = {}
@@ -1387,22 +1424,41 @@ def int_tuple(text):  # --channel-mults 1,2,4
     return tuple(int(v) for v in text.split(","))
 
 
+def config_help():
+    """{field: the comment beside it in Config}: each flag's -h sentence, written once."""
+    found = [
+        re.match(r" +(\w+): \w+ = .+?  # (.+)", line)
+        for line in inspect.getsource(Config).splitlines()
+    ]
+    return {m[1]: m[2] for m in found if m}
+
+
 def add_config_flags(parser, defaults, keep_defaults=False):
     """A flag per Config field (--image-size 64, --channel-mults 1,2,4, --no-amp); unset: None
     unless keep_defaults."""
+    helps = config_help()
     for name, default in defaults.items():
-        flag = "--" + name.replace("_", "-")
+        flag, text = "--" + name.replace("_", "-"), helps[name].replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = int_tuple if isinstance(default, tuple) else type(default)
-            value = default if keep_defaults else None
-            parser.add_argument(flag, type=kind, default=value, help=f"default {default}")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+            continue
+        kind = int_tuple if isinstance(default, tuple) else type(default)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        value = default if keep_defaults else None
+        text, choices = f"{text} (default {shown})", CHOICES.get(name)
+        parser.add_argument(flag, type=kind, default=value, choices=choices, help=text)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, its errors one line as every other error here (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (-h lists the flags)\n")
 
 
 def build_parser():
     """The commands; train gets one flag per Config field, segment one per SEGMENT field."""
-    parser = argparse.ArgumentParser(prog="simgen.py", description=__doc__.split("\n")[0])
+    parser = Parser(prog="simgen.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train on a dataset folder or 'synthetic'")
@@ -1412,22 +1468,25 @@ def build_parser():
     add_config_flags(p, {f.name: f.default for f in fields(Config) if f.name != "data"})
 
     p = commands.add_parser("sample", help="generate image-mask pairs from a checkpoint")
-    p.add_argument("ckpt")
+    p.add_argument("ckpt", help="a train run's ckpt.pt or best.pt")
     p.add_argument("--out", help="output folder (default samples/<run folder name>)")
     p.add_argument("--n", type=int, help="pairs (default 16; with --given, all of the split's)")
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: T steps (paper)")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: all T steps (paper)")
     p.add_argument("--steps", type=int, help="steps of ddim, dpm++, dpm++sde (default 20)")
     p.add_argument("--given", choices=("images", "masks"), help="keep this half of --data's")
     p.add_argument("--data", help="dataset folder or 'synthetic' whose pairs --given takes")
     p.add_argument("--split", default="val", help="split of --data (default val)")
     p.add_argument("--resample", type=int, default=1, help="RePaint's rounds per step (1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="the noise: same seed, same pairs (0)")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs drawn at once (16)")
     p.add_argument("--force", action="store_true", help="replace an earlier sample in --out")
     p.add_argument("--background", default="background", help="class left out of annotations")
     p.add_argument("--trajectory", action="store_true", help="also trajectory.png: the process")
     for name in SPEED_FIELDS:  # default: the checkpoint's config, on CUDA only
-        p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction)
+        text = f"{config_help()[name]}; default: as the checkpoint was trained"
+        p.add_argument(
+            "--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=text
+        )
 
     p = commands.add_parser("eval", help="FID, KID, sFID, sKID of generated pairs against real")
     p.add_argument("real", help="dataset folder or 'synthetic'; its features are cached")
@@ -1435,16 +1494,16 @@ def build_parser():
         "fake", help="dataset folder (sample's), or a checkpoint: the pairs its curve scored"
     )
     p.add_argument("--json", help="write the scores here")
-    p.add_argument("--real-split", default="all")
-    p.add_argument("--fake-split", default="all")
+    p.add_argument("--real-split", default="all", help="train, val, test or all (all)")
+    p.add_argument("--fake-split", default="all", help="train, val, test or all (all)")
     p.add_argument("--image-size", type=int, help="default: FAKE's image size (else 256)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", help="default cuda if available, else cpu")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception call (50)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if there is one)")
 
     p = commands.add_parser("segment", help="train a segmentation ResUNet, IoU on a real split")
     p.add_argument("train", nargs="+", help="dataset folders (real, generated); first: the real")
     p.add_argument("--test", required=True, help="real dataset folder for the IoU")
-    p.add_argument("--test-split", default="val")
+    p.add_argument("--test-split", default="val", help="split of --test scored (val)")
     p.add_argument("--train-split", default="train", help="one split, or one each: train,all")
     p.add_argument("--merge", default="", help="the first TRAIN's classes merged: fat=tissue,...")
     p.add_argument("--out", help="folder for segment.pt")
@@ -1488,12 +1547,12 @@ def main(argv=None):
         elif args.command == "bench":
             result = bench(args.config, args.repeats, args.profile)
         elif args.command == "eval":
-            how = (args.image_size, args.real_split, args.fake_split, args.batch_size, args.device)
-            result = evaluate(args.real, args.fake, *how)
+            sets = (args.image_size, args.real_split, args.fake_split, args.batch_size, args.device)
+            result = evaluate(args.real, args.fake, *sets)
         elif args.command == "segment":
             cfg = replace(Config(), **{k: getattr(args, k) for k in [*SEGMENT, "amp"]})
-            how = (args.test_split, args.train_split.split(","), args.merge, args.out)
-            result = segment(args.train, args.test, cfg, *how)
+            test = (args.test_split, args.train_split.split(","), args.merge, args.out)
+            result = segment(args.train, args.test, cfg, *test)
         if args.command in ("eval", "segment", "bench") and args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
             print(f"numbers in {args.json}")

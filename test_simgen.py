@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_simgen.py
 """
 
+import argparse
 import copy
 import errno
 import importlib.util
@@ -208,13 +209,13 @@ def test_min_distance_and_ambiguous_pixels_against_hand_values():
     assert cfl.ambiguous(x, 3, "gray").flatten().tolist() == [False, True, False]
     # every code itself is unambiguous, in every scheme
     for scheme in cfl.SCHEMES:
-        codes = cfl.palette(13, scheme)[:, :, None, None]  # (13, 3, 1, 1)
+        codes = cfl.class_codes(13, scheme)[:, :, None, None]  # (13, 3, 1, 1)
         assert not cfl.ambiguous(codes, 13, scheme).any()
 
 
 def test_gray_codes_defeat_cosine_similarity():
     # Why the paper's grey masks collapse (§5.3): (v, v, v) codes all lie on one line.
-    codes = cfl.palette(8, "gray")
+    codes = cfl.class_codes(8, "gray")
     cos = (
         torch.nn.functional.normalize(codes, dim=1) @ torch.nn.functional.normalize(codes, dim=1).T
     )
@@ -230,7 +231,7 @@ def test_colorize_and_range_errors():
     with pytest.raises(ValueError, match="outside"):
         cfl.encode(torch.tensor([[3]]), 3)
     with pytest.raises(ValueError, match="unknown mask scheme"):
-        cfl.palette(3, "hsv")
+        cfl.class_codes(3, "hsv")
 
 
 # ------------------------------------------------------------------------------------------
@@ -1079,6 +1080,9 @@ def test_unclipped_mean_is_eq_11_and_ddim_T_steps_eta_1_is_ddpm():
         ddim = d.ddim_sample(model, ddim, t, t_prev, eta=1.0, generator=g)
     torch.testing.assert_close(ddim, ddpm, rtol=1e-3, atol=1e-3)
     assert ddpm.abs().max() <= 1.1  # x_0 clipped to [-1, 1]; the last step adds no noise
+    # Algorithm 2 in its plain lines draws exactly what the general loop's "ddpm" draws
+    general = d.sample_loop(model, shape, "ddpm", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(general, ddpm)
 
 
 def test_the_loss_starts_at_1_and_falls_within_40_steps():
@@ -1442,9 +1446,9 @@ def test_sample_writes_a_dataset_that_paired_folder_reads_back(tiny_ckpt, tmp_pa
     cfg = simgen.Config(**ckpt["config"])
     model = simgen.ResUNet(cfg).eval()
     model.load_state_dict(ckpt["ema"])
-    how = simgen.replace(cfg, sampler="ddim", sampler_steps=5)
+    draw = simgen.Draw(3, "ddim", 5)
     g = simgen.make_generator("cpu", simgen.SAMPLE_STREAM, 1, 0)
-    images, masks, _ = simgen.generate(model, simgen.GaussianDiffusion(50), how, 5, 3, g)
+    images, masks, _ = simgen.generate(model, simgen.GaussianDiffusion(50), cfg, 5, draw, g)
     assert torch.equal(back.images[:3], images) and torch.equal(back.masks[:3].long(), masks)
     # COCO's annotations, read by pycocotools: every region of every class of the masks on disk
     masks = {f"images/{s}.png": m for s, m in zip(back.stems, back.masks.numpy())}
@@ -2199,7 +2203,6 @@ def test_an_unwritable_cache_is_a_warning_not_a_crash(tmp_path, monkeypatch, cap
         (["--snr-gamma", "nan"], "--snr-gamma nan: must be finite"),
         (["--snr-gamma", "-1"], "--snr-gamma -1.0: must be >= 0"),
         (["--warmup-steps", "-1"], "--warmup-steps -1: must be >= 0"),
-        (["--lr-schedule", "linear"], "--lr-schedule linear: use constant or cosine"),
         (["--eval-every", "50"], "--eval-every 50: past --steps: no step would be scored"),
     ],
 )
@@ -3264,10 +3267,13 @@ def test_the_checkpoint_records_the_precision_used_and_a_resume_keeps_it(
     simgen.main(argv + ["6", "--amp"])  # given: bf16 from here
     assert "1 x cpu, bfloat16 autocast" in capsys.readouterr().out
     assert torch.load(out / "ckpt.pt", weights_only=True)["switches"]["amp"] == "bfloat16"
-    # an older checkpoint (no "switches"; the defaults saved) runs as this device's default
+    # an older checkpoint (no "switches"; the defaults saved; the grid sampler under its old
+    # names) runs as this device's default
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     del ckpt["switches"]
     ckpt["config"].update(amp=True, compile=True, channels_last=True)
+    for old, new in (("sampler", "grid_sampler"), ("sampler_steps", "grid_steps")):
+        ckpt["config"][old] = ckpt["config"].pop(new)
     torch.save(ckpt, out / "ckpt.pt")
     simgen.main(argv + ["8"])
     assert "1 x cpu, bfloat16 autocast (--no-amp: fp32), eager" in capsys.readouterr().out
@@ -3391,4 +3397,25 @@ def test_odd_uses_of_a_runs_files_are_one_line_each(tmp_path, stand_in, capsys):
     err = cli_error(["train", "synthetic", "--preset", "tiny", "--out", str(run_dir)], capsys)
     assert (
         "holds the EMA weights only (a best.pt), which train cannot resume; sample takes it" in err
+    )
+
+
+def test_every_flag_has_a_help_sentence_and_choices_are_listed(capsys):
+    parser = simgen.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help and len(action.help) > 10, (name, action.dest)
+    train = commands.choices["train"].format_help()
+    for flag, choices in [("--schedule", "linear,cosine"), ("--mask-scheme", "cfl,gray,random")]:
+        assert f"{flag} {{{choices}}}" in train
+    assert "--grid-sampler {ddpm,ddim,dpm++,dpm++sde}" in train
+    assert "--lr-schedule {constant,cosine}" in train
+    # a value not among them: one line, exit status 2, nothing done
+    with pytest.raises(SystemExit) as e:
+        simgen.main(["train", "--lr-schedule", "linear"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(
+        "error: simgen.py train: argument --lr-schedule: invalid choice: 'linear'"
     )
