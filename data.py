@@ -1,4 +1,11 @@
-"""Paired image + segmentation-mask data for SimGen, and a built-in synthetic dataset.
+"""Paired image + segmentation-mask datasets for SimGen, in and out. In reading order:
+- one pair: decoding an image and its mask (EXIF-turned, as viewers show them), resizing both;
+- a dataset folder: PairedFolder (the pairs of a split as uint8 tensors, cached), the class
+  lists and their matching by mask value, the subsets and merges of segment, eval's two sets;
+- writing dataset folders: folder locks, sample's atomic output folders, masks in the dataset's
+  own values (palette PNGs too), COCO annotations;
+- pictures of pairs: the training grids and sample's trajectory picture;
+- the built-in synthetic dataset ("synthetic", "synthetic:K") and its alignment score.
 
 Folder layout (Kvasir-SEG is the example):
     root/images/<stem>.<ext>   ext: jpg jpeg png bmp tif tiff, any case
@@ -505,94 +512,6 @@ def flip(images, masks, generator=None):
     )
 
 
-def mask_to_values(mask_ids, classes):
-    """Class ids (H, W) -> np.uint8 (H, W) grey or (H, W, 3) colour in the dataset's own values."""
-    table = np.array([c["value"] for c in classes], np.uint8)  # (K,) or (K, 3)
-    return table[mask_ids.cpu().numpy() if torch.is_tensor(mask_ids) else np.asarray(mask_ids)]
-
-
-def regions(mask):
-    """The 4-connected regions of each class of a mask: the paper's "coordinate extraction".
-
-    :param mask: (H, W) class ids, tensor or numpy
-    :return: labels int64 (H, W), each pixel's region named by the index of its first pixel in
-        raster order, and those first pixels, sorted
-    """
-    m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
-    h, w = m.shape
-    begins = np.ones((h, w), bool)  # a run of one class along a row begins at each change
-    begins[:, 1:] = m[:, 1:] != m[:, :-1]
-    run = np.cumsum(begins.ravel()).reshape(h, w) - 1  # each pixel's run
-    first = np.flatnonzero(begins)  # each run's first pixel, in raster order
-    same = m[1:] == m[:-1]  # runs with pixels of one class above each other are one region
-    pairs = np.unique(run[1:][same] * len(first) + run[:-1][same])
-    below, above = np.divmod(pairs, len(first))
-    label = np.arange(len(first))
-    while True:
-        # each run takes the smallest label of itself and the runs it touches ...
-        new = label.copy()
-        np.minimum.at(new, below, label[above])
-        np.minimum.at(new, above, label[below])
-        new = new[new]  # ... then its label's label, which halves long chains
-        if np.array_equal(new, label):
-            return first[label][run], np.unique(first[label])  # named by their first pixel
-        label = new
-
-
-def coco(masks, files, classes, background="background"):
-    """COCO's instances format for masks of class ids, which detectron2, mmdetection and the
-    YOLO converters read: images, categories and one annotation per 4-connected region of a
-    class, with its bbox [x, y, w, h], area in pixels, iscrowd 0 and its segmentation as
-    uncompressed RLE (column-major run lengths, the first of 0s: {"counts", "size": [H, W]}).
-
-    :param masks: (H, W) class ids each, tensors or arrays; files: their images' file names
-    :param classes: [{"id", "name", "value"}]; category ids are class ids + 1 (COCO's from 1)
-    :param background: the name of a class left out, as detection datasets do ("" keeps all)
-    :return: the dict to json.dump
-    """
-    kept = [c for c in classes if c["name"] != background]
-    categories = [dict(id=c["id"] + 1, name=c["name"], value=c["value"]) for c in kept]
-    out = dict(images=[], categories=categories, annotations=[])
-    ids = {c["id"] for c in kept}
-    for image_id, (mask, file) in enumerate(zip(masks, files), 1):
-        m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
-        h, w = m.shape
-        out["images"].append(dict(id=image_id, file_name=file, width=w, height=h))
-        label, firsts = regions(m)
-        column_major = label.T.ravel()
-        for first in firsts:
-            if int(m.flat[first]) not in ids:
-                continue
-            inside = column_major == first
-            ends = np.flatnonzero(np.diff(inside, prepend=False, append=False))  # run bounds
-            counts = np.diff(ends, prepend=0).tolist() + [int(inside.size - ends[-1])]
-            counts = counts[:-1] if counts[-1] == 0 else counts  # no empty run at the end
-            xs, ys = np.divmod(np.flatnonzero(inside), h)  # column-major: x = index // H
-            box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1)]
-            box.append(int(ys.max() - ys.min() + 1))
-            rle = dict(counts=counts, size=[h, w])
-            ann = dict(image_id=image_id, category_id=int(m.flat[first]) + 1, bbox=box)
-            ann |= dict(area=int(inside.sum()), iscrowd=0, segmentation=rle)
-            out["annotations"].append(dict(id=len(out["annotations"]) + 1, **ann))
-    return out
-
-
-def write_coco(root, path, background="background"):
-    """COCO annotations (coco()) of a dataset folder's masks at their files' own size, into path
-    (never over an existing file), so that real and generated sets are read alike."""
-    if Path(path).exists():
-        raise DataError(f"{path}: exists; choose another path")
-    classes = PairedFolder(root, 8, "all").classes  # the class ids of the mask values
-    ids = {_code(c["value"]): c["id"] for c in classes}
-    masks, files = [], []
-    for _, image, mask in _pairs(Path(root)):
-        codes = _mask_codes(_open(mask), mask)
-        found, where = np.unique(codes, return_inverse=True)
-        masks.append(np.array([ids[c] for c in found.tolist()])[where.reshape(codes.shape)])
-        files.append(f"images/{image.name}")
-    write_json(Path(path), coco(masks, files, classes, background))
-
-
 def match_classes(classes, target, where, reference="the reference set"):
     """Lookup table from the class ids of `classes` to the ids in `target` of the same mask value.
 
@@ -694,6 +613,45 @@ def folder_image_size(root):
             with Image.open(p) as im:  # reads the header only
                 sizes.add(im.size)
     return min(sizes.pop()) if len(sizes) == 1 else None
+
+
+def check_root(root):
+    """A one-line DataError unless root is a dataset folder (images/ and masks/ in it) or names the
+    built-in set: the check every command makes before any work or folder of its own."""
+    if synthetic_classes(root) is None and not Path(root).is_dir():
+        why = "a file, not a dataset folder" if Path(root).exists() else "dataset folder not found"
+        raise DataError(f"{root}: {why}")
+    for sub in ("images", "masks") if synthetic_classes(root) is None else ():
+        if not (Path(root) / sub).is_dir():
+            raise DataError(
+                f"{Path(root) / sub}: missing; a dataset has an images/ and a masks/ folder"
+            )
+
+
+def eval_sets(real, fake, size=None, real_split="all", fake_split="all"):
+    """eval's REAL and FAKE pairs at one size, checked before any feature is computed (they take
+    minutes): -> their PairedFolders and FAKE's masks in REAL's class ids (matched by value).
+    size None: FAKE's own image size (256 if its sizes differ). Real images get the training's
+    resize and crop; fake ones at their own size stay as they are. FAKE first: it fails first."""
+    for root in (real, fake):
+        check_root(root)
+    size = size or folder_image_size(fake)
+    if size is None:
+        size = 256
+        print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
+    if size < 16:
+        print(f"warning: --image-size {size}: too few pixels for the Inception to tell apart")
+    fake_ds, real_ds = PairedFolder(fake, size, fake_split), PairedFolder(real, size, real_split)
+    for ds in (fake_ds, real_ds):
+        if len(ds) < 2:
+            raise DataError(f"{ds.root} [{ds.split}]: 1 pair; FID and KID need at least 2")
+    if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
+        print(f"warning: REAL and FAKE are the same images ({real}): their FID of 0 says nothing")
+    return (
+        real_ds,
+        fake_ds,
+        match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()],
+    )
 
 
 # ------------------------------------------------------------------------ writing dataset folders
@@ -846,32 +804,6 @@ def check_writable(path, flag, made=False):
         raise DataError(f"{path}: cannot be written ({parent} is no writable folder)")
 
 
-def eval_sets(real, fake, size=None, real_split="all", fake_split="all"):
-    """eval's REAL and FAKE pairs at one size, checked before any feature is computed (they take
-    minutes): -> their PairedFolders and FAKE's masks in REAL's class ids (matched by value).
-    size None: FAKE's own image size (256 if its sizes differ). Real images get the training's
-    resize and crop; fake ones at their own size stay as they are. FAKE first: it fails first."""
-    for root in (real, fake):
-        check_root(root)
-    size = size or folder_image_size(fake)
-    if size is None:
-        size = 256
-        print(f"{fake}: no single image size; evaluating at 256x256 (set --image-size)")
-    if size < 16:
-        print(f"warning: --image-size {size}: too few pixels for the Inception to tell apart")
-    fake_ds, real_ds = PairedFolder(fake, size, fake_split), PairedFolder(real, size, real_split)
-    for ds in (fake_ds, real_ds):
-        if len(ds) < 2:
-            raise DataError(f"{ds.root} [{ds.split}]: 1 pair; FID and KID need at least 2")
-    if Path(str(real)).resolve() == Path(str(fake)).resolve() and fake_split == real_split:
-        print(f"warning: REAL and FAKE are the same images ({real}): their FID of 0 says nothing")
-    return (
-        real_ds,
-        fake_ds,
-        match_classes(fake_ds.classes, real_ds.classes, fake)[fake_ds.masks.long()],
-    )
-
-
 def write_file(path, write):
     """write(path), with an OSError (a full disk, a read-only folder) as a DataError naming path."""
     try:
@@ -906,6 +838,97 @@ def palette_colours(masks, classes, palette):
     """Class ids (B, S, S) -> uint8 (B, S, S, 3): each pixel in its index's palette colour."""
     rgb = torch.tensor((list(palette) + [0] * 768)[:768], dtype=torch.uint8).view(-1, 3)  # 256
     return rgb[torch.tensor([c["value"] for c in classes])][masks.long()]
+
+
+def mask_to_values(mask_ids, classes):
+    """Class ids (H, W) -> np.uint8 (H, W) grey or (H, W, 3) colour in the dataset's own values."""
+    table = np.array([c["value"] for c in classes], np.uint8)  # (K,) or (K, 3)
+    return table[mask_ids.cpu().numpy() if torch.is_tensor(mask_ids) else np.asarray(mask_ids)]
+
+
+def regions(mask):
+    """The 4-connected regions of each class of a mask: the paper's "coordinate extraction".
+
+    :param mask: (H, W) class ids, tensor or numpy
+    :return: labels int64 (H, W), each pixel's region named by the index of its first pixel in
+        raster order, and those first pixels, sorted
+    """
+    m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+    h, w = m.shape
+    begins = np.ones((h, w), bool)  # a run of one class along a row begins at each change
+    begins[:, 1:] = m[:, 1:] != m[:, :-1]
+    run = np.cumsum(begins.ravel()).reshape(h, w) - 1  # each pixel's run
+    first = np.flatnonzero(begins)  # each run's first pixel, in raster order
+    same = m[1:] == m[:-1]  # runs with pixels of one class above each other are one region
+    pairs = np.unique(run[1:][same] * len(first) + run[:-1][same])
+    below, above = np.divmod(pairs, len(first))
+    label = np.arange(len(first))
+    while True:
+        # each run takes the smallest label of itself and the runs it touches ...
+        new = label.copy()
+        np.minimum.at(new, below, label[above])
+        np.minimum.at(new, above, label[below])
+        new = new[new]  # ... then its label's label, which halves long chains
+        if np.array_equal(new, label):
+            return first[label][run], np.unique(first[label])  # named by their first pixel
+        label = new
+
+
+def coco(masks, files, classes, background="background"):
+    """COCO's instances format for masks of class ids, which detectron2, mmdetection and the
+    YOLO converters read: images, categories and one annotation per 4-connected region of a
+    class, with its bbox [x, y, w, h], area in pixels, iscrowd 0 and its segmentation as
+    uncompressed RLE (column-major run lengths, the first of 0s: {"counts", "size": [H, W]}).
+
+    :param masks: (H, W) class ids each, tensors or arrays; files: their images' file names
+    :param classes: [{"id", "name", "value"}]; category ids are class ids + 1 (COCO's from 1)
+    :param background: the name of a class left out, as detection datasets do ("" keeps all)
+    :return: the dict to json.dump
+    """
+    kept = [c for c in classes if c["name"] != background]
+    categories = [dict(id=c["id"] + 1, name=c["name"], value=c["value"]) for c in kept]
+    out = dict(images=[], categories=categories, annotations=[])
+    ids = {c["id"] for c in kept}
+    for image_id, (mask, file) in enumerate(zip(masks, files), 1):
+        m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+        h, w = m.shape
+        out["images"].append(dict(id=image_id, file_name=file, width=w, height=h))
+        label, firsts = regions(m)
+        column_major = label.T.ravel()
+        for first in firsts:
+            if int(m.flat[first]) not in ids:
+                continue
+            inside = column_major == first
+            ends = np.flatnonzero(np.diff(inside, prepend=False, append=False))  # run bounds
+            counts = np.diff(ends, prepend=0).tolist() + [int(inside.size - ends[-1])]
+            counts = counts[:-1] if counts[-1] == 0 else counts  # no empty run at the end
+            xs, ys = np.divmod(np.flatnonzero(inside), h)  # column-major: x = index // H
+            box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1)]
+            box.append(int(ys.max() - ys.min() + 1))
+            rle = dict(counts=counts, size=[h, w])
+            ann = dict(image_id=image_id, category_id=int(m.flat[first]) + 1, bbox=box)
+            ann |= dict(area=int(inside.sum()), iscrowd=0, segmentation=rle)
+            out["annotations"].append(dict(id=len(out["annotations"]) + 1, **ann))
+    return out
+
+
+def write_coco(root, path, background="background"):
+    """COCO annotations (coco()) of a dataset folder's masks at their files' own size, into path
+    (never over an existing file), so that real and generated sets are read alike."""
+    if Path(path).exists():
+        raise DataError(f"{path}: exists; choose another path")
+    classes = PairedFolder(root, 8, "all").classes  # the class ids of the mask values
+    ids = {_code(c["value"]): c["id"] for c in classes}
+    masks, files = [], []
+    for _, image, mask in _pairs(Path(root)):
+        codes = _mask_codes(_open(mask), mask)
+        found, where = np.unique(codes, return_inverse=True)
+        masks.append(np.array([ids[c] for c in found.tolist()])[where.reshape(codes.shape)])
+        files.append(f"images/{image.name}")
+    write_json(Path(path), coco(masks, files, classes, background))
+
+
+# ------------------------------------------------------------------------------ pictures of pairs
 
 
 def triplets(images, colours):
@@ -1075,19 +1098,6 @@ def synthetic_classes(root):
     if not k.isdigit() or not 2 <= int(k) <= SYNTHETIC_MAX:
         raise DataError(f"{root}: use synthetic:K with K from 2 to {SYNTHETIC_MAX} classes")
     return int(k)
-
-
-def check_root(root):
-    """A one-line DataError unless root is a dataset folder (images/ and masks/ in it) or names the
-    built-in set: the check every command makes before any work or folder of its own."""
-    if synthetic_classes(root) is None and not Path(root).is_dir():
-        why = "a file, not a dataset folder" if Path(root).exists() else "dataset folder not found"
-        raise DataError(f"{root}: {why}")
-    for sub in ("images", "masks") if synthetic_classes(root) is None else ():
-        if not (Path(root) / sub).is_dir():
-            raise DataError(
-                f"{Path(root) / sub}: missing; a dataset has an images/ and a masks/ folder"
-            )
 
 
 def synthetic_colours(k):
