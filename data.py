@@ -1013,6 +1013,52 @@ def trajectory(frames, final, decode, given=None, forward=None):
     return picture
 
 
+def chart(series, x_label, y_label, marks=(), size=(720, 440)):
+    """A line chart drawn with PIL alone (no plotting library): series {name: [(x, y), ...]},
+    one colour each, dots at the points, a legend; axes from 0 (x) and from the lowest y, each
+    with 5 labelled ticks; marks: y values drawn as grey lines across. -> PIL.Image (RGB)"""
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    colours += [(23, 190, 207), (140, 86, 75), (127, 127, 127)]
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    w, h, left, bottom, top, right = *size, 70, 50, 20, 190  # the plot box's margins
+    points = [p for line in series.values() for p in line]
+    x_max = max(x for x, _ in points) or 1
+    y_min, y_max = min(y for _, y in points), max(y for _, y in points)
+    y_min, y_max = min([y_min, *marks]), max([y_max, *marks])
+    y_max = y_max if y_max > y_min else y_min + 1
+
+    def at(x, y):  # data -> pixel
+        px = left + x / x_max * (w - left - right)
+        return px, h - bottom - (y - y_min) / (y_max - y_min) * (h - top - bottom)
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for k in range(5):  # ticks and their values
+        x, y = x_max * k / 4, y_min + (y_max - y_min) * k / 4
+        px, py = at(x, y)
+        draw.line([px, h - bottom, px, h - bottom + 4], fill="black")
+        draw.text((px - 12, h - bottom + 8), f"{x:.4g}", fill="black")
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((6, py - 6), f"{y:.3g}", fill="black")
+    for y in marks:
+        _, py = at(0, y)
+        draw.line([left, py, w - right, py], fill=(170, 170, 170))
+        draw.text((w - right - 40, py - 12), f"{y:g}", fill=(120, 120, 120))
+    draw.text(((w - right + left) / 2 - 30, h - 18), x_label, fill="black")
+    draw.text((6, 4), y_label, fill="black")
+    for i, (name, line) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        xy = [at(x, y) for x, y in sorted(line)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for px, py in xy:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        ly = top + 10 + 18 * i  # the legend, right of the plot box
+        draw.line([w - right + 10, ly + 6, w - right + 30, ly + 6], fill=colour, width=3)
+        draw.text((w - right + 36, ly), name[:24], fill="black")
+    return image
+
+
 # ------------------------------------------------------------------------- built-in synthetic data
 
 SYNTHETIC_CLASSES = ("tissue", "organ", "fat", "tool_shaft", "tool_tip")

@@ -1417,6 +1417,26 @@ def bench(config=None, repeats=None, profile=False):
     return res
 
 
+def plot(runs, x, y, out, marks=()):
+    """The plot command: column y of each run's log.csv against x (training seconds or step),
+    the rows that have it, one line per run, drawn by data.chart into out (a new PNG)."""
+    data.check_writable(out, "--out", made=True)
+    series = {}
+    for run in map(Path, runs):
+        csv = run / "log.csv"
+        if not csv.is_file():
+            raise data.DataError(f"{csv}: not found; give run folders of train")
+        head, *rows = [r.split(",") for r in csv.read_text().splitlines()]
+        if x not in head or y not in head:
+            raise data.DataError(f"{csv}: no {x} or {y} column (an older log?)")
+        cells = [(r[head.index(x)], r[head.index(y)]) for r in rows]
+        series[run.name] = line = [(float(a), float(b)) for a, b in cells if b]  # b: scored
+        if not line:
+            raise data.DataError(f"{csv}: no {y} in any row (--eval-every scores fid, kid, ...)")
+    data.write_file(out, data.chart(series, x, y, marks).save)
+    print(f"{out}: {y} against {x} of {len(series)} runs")
+
+
 # ---------------------------------------------------------------------------------- command line
 
 
@@ -1511,6 +1531,16 @@ def build_parser():
     add_config_flags(p, SEGMENT, keep_defaults=True)
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32, not bf16 autocast")
 
+    p = commands.add_parser("plot", help="the training curves of runs (their log.csv), one PNG")
+    p.add_argument("runs", nargs="+", help="run folders of train --eval-every")
+    columns = ("fid", "kid", "sfid", "skid", "loss", "lr")
+    p.add_argument("--y", default="kid", choices=columns, help="log.csv's column drawn (kid)")
+    p.add_argument(
+        "--x", default="seconds", choices=("seconds", "step"), help="the x axis (seconds)"
+    )
+    p.add_argument("--out", default="curves.png", help="the PNG written; never replaced")
+    p.add_argument("--mark", type=float, action="append", default=[], help="a y line, e.g. 0.16")
+
     p = commands.add_parser("bench", help="speed of training and sampling here")
     p.add_argument("--json", help="also write every number here")
     p.add_argument("--config", choices=BENCH_CONFIGS, help="paper (CUDA), small (CPU), tiny")
@@ -1544,6 +1574,8 @@ def main(argv=None):
         elif args.command == "sample":
             args.out = args.out or Path("samples") / Path(args.ckpt).resolve().parent.name
             sample(args)
+        elif args.command == "plot":
+            plot(args.runs, args.x, args.y, Path(args.out), args.mark)
         elif args.command == "bench":
             result = bench(args.config, args.repeats, args.profile)
         elif args.command == "eval":

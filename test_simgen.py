@@ -3419,3 +3419,34 @@ def test_every_flag_has_a_help_sentence_and_choices_are_listed(capsys):
     assert err.startswith(
         "error: simgen.py train: argument --lr-schedule: invalid choice: 'linear'"
     )
+
+
+def test_plot_draws_each_runs_scored_rows_where_the_axes_put_them(tmp_path, capsys):
+    # Oracle: the chart's own geometry by hand. Box from x = 70 to 720 - 190 = 530 px, y from
+    # 440 - 50 = 390 (the lowest y) up to 20 (the highest); x from 0 to the largest x.
+    for name, rows in (("a", ["10,,", "20,0.5,", "40,0.3,"]), ("b", ["20,0.1,", "30,,"])):
+        (tmp_path / name).mkdir()
+        text = "step,kid,seconds\n" + "\n".join(rows) + "\n"
+        (tmp_path / name / "log.csv").write_text(text)
+    out = tmp_path / "c.png"
+    simgen.main(
+        ["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--x", "step", "--out", str(out)]
+    )
+    assert "kid against step of 2 runs" in capsys.readouterr().out
+    with Image.open(out) as im:
+        px = im.convert("RGB").load()
+    blue, red = (31, 119, 180), (214, 39, 40)  # the first two series' colours
+    # a: (20, 0.5) at x 70 + 20 / 40 * 460 = 300, y 20 (0.5 is the top); (40, 0.3) at 530, 20 +
+    # 370 * (0.5 - 0.3) / 0.4 = 205. b: (20, 0.1) at 300, 390 (the bottom). Rows without kid: none.
+    assert px[300, 20] == blue and px[530, 205] == blue and px[300, 390] == red
+    assert px[70 + 10 / 40 * 460, 300] == (255, 255, 255)  # step 10 has no kid: no dot there
+    # never over a file; a log without the column; a folder without a log: one line each
+    assert "exists; choose another --out" in cli_error(
+        ["plot", str(tmp_path / "a"), "--out", str(out)], capsys
+    )
+    err = cli_error(
+        ["plot", str(tmp_path / "a"), "--y", "sfid", "--out", str(tmp_path / "d.png")], capsys
+    )
+    assert "no seconds or sfid column" in err or "no step or sfid column" in err
+    err = cli_error(["plot", str(tmp_path), "--out", str(tmp_path / "d.png")], capsys)
+    assert err.rstrip().endswith("log.csv: not found; give run folders of train")
