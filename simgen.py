@@ -919,9 +919,7 @@ def train(cfg, out, explicit=(), preset=()):
                 memory = f"; peak GPU memory {peak:.1f} GiB" if peak else ""
                 why = "compile, autotune; " if compiled else ""
                 days = (cfg.steps - done) * first / 86400  # an upper bound: no compile again
-                pace = f"; at its pace the {cfg.steps - done} left take {days:.1f} days" * (
-                    days > 1
-                )
+                pace = f"; at its pace the steps left take {days:.1f} days" if days > 1 else ""
                 log(f"first step {first:.1f}s ({why}not counted in the rates){memory}{pace}")
             due = done % cfg.ckpt_every == 0 or done == cfg.steps
             scored = cfg.eval_every and done % cfg.eval_every == 0  # FID & co. of the EMA
@@ -945,7 +943,7 @@ def train(cfg, out, explicit=(), preset=()):
 
             # The scores of the EMA's pairs, the checkpoint, best.pt, the log row and a sample
             # grid, in that order (rank 0; not counted as training time): best.pt is never ahead
-            # of ckpt.pt, which records it, and log.csv never holds a step that was not saved.
+            # of ckpt.pt, which records it, and a checkpoint's row is written once it is saved.
             scores, better = {}, False
             if scored and rank == 0:  # the training curve: the EMA's pairs against the val split
                 scores = sample_scores(grid_model, diffusion, cfg, k, yardstick, amp)
@@ -968,7 +966,7 @@ def train(cfg, out, explicit=(), preset=()):
                 kept = f"stopped, {ckpt_path} (step {done}) is kept"
                 if better:  # what sampling needs, the best FID's EMA weights, as atomically
                     save_checkpoint(best_path, best_checkpoint(state))
-            if row and rank == 0:  # after the checkpoint: no row of a step that was not saved
+            if row and rank == 0:  # after the checkpoint: no row of a checkpoint not saved
                 with open(csv, "a") as f:
                     cells = [scores.get(n) for n in SCORES]  # empty where not measured
                     f.write(line + "".join("," if v is None else f",{v:.6f}" for v in cells) + "\n")
