@@ -1282,7 +1282,8 @@ def segment(roots, test_root, cfg, test_split="val", splits=("train",), merge=""
         save_checkpoint(ckpt_path, dict(state, version=VERSION))
         print(f"weights in {ckpt_path}")
     result = dict(train=used, test=str(test_root), test_split=test_split, n_test=len(test))
-    result |= dict(merge=merge, config={k: getattr(cfg, k) for k in SEGMENT}, amp=str(amp))
+    result |= dict(merge=merge, config={k: getattr(cfg, k) for k in SEGMENT})
+    result["precision"] = str(amp or torch.float32)[6:]  # bfloat16, float16 or float32
     classes = [dict(c, iou=v) for c, v in zip(test.classes, per_class)]
     return dict(result, classes=classes, mean_iou=mean, seconds=seconds)
 

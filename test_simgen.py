@@ -1742,6 +1742,10 @@ def test_segment_learns_is_deterministic_and_takes_a_real_fraction(tmp_path, cap
         args[-1] = str(f)
         s = run(args + ["--steps", "1", "--json", str(tmp_path / "f.json")], capsys)[1]
         assert s["train"][0]["pairs"] == round(f * 9) and s["train"][1]["pairs"] == 6
+    # bf16 where the CPU has the units (as train and sample), fp32 with --no-amp
+    assert a["precision"] == ("bfloat16" if simgen.cpu_has_bf16() else "float32")
+    s = run(args + ["--steps", "1", "--no-amp", "--json", str(tmp_path / "f.json")], capsys)[1]
+    assert s["precision"] == "float32"
     assert "exists; choose another --out" in cli_error(
         args + ["--out", str(tmp_path / "a")], capsys
     )
