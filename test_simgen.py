@@ -1393,6 +1393,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
         "tiny",
         "--steps",
         "3",
+        "--no-amp",  # the oracle below runs in fp32
         "--out",
         str(tmp_path),
     ]
@@ -2297,7 +2298,7 @@ def test_the_fast_path_trains_resumes_and_samples_on_a_cpu_without_recompiling(t
         simgen.main(base + ["--steps", "5"])  # resumes at step 3
         out = capsys.readouterr().out
         assert (
-            out.count("1 x cpu, bfloat16 autocast, compile, channels_last") == 2
+            out.count("1 x cpu, bfloat16 autocast (--no-amp: fp32), compile, channels_last") == 2
             and "resuming" in out
         )
         # two graphs: the training step and the EMA's grid sampling, and no more after the resume
