@@ -1420,20 +1420,26 @@ def plot(runs, x, y, out, marks=()):
     """The plot command: column y of each run's log.csv against x (training seconds or step),
     the rows that have it, one line per run, drawn by data.chart into out (a new PNG)."""
     data.check_writable(out, "--out", made=True)
-    series = {}
+    series, names = {}, [Path(run).name for run in runs]
     for run in map(Path, runs):
         csv = run / "log.csv"
         if not csv.is_file():
             raise data.DataError(f"{csv}: not found; give run folders of train")
-        head, *rows = [r.split(",") for r in csv.read_text().splitlines()]
+        head, *rows = [r.split(",") for r in csv.read_text().splitlines()] or [[]]
         if x not in head or y not in head:
             raise data.DataError(f"{csv}: no {x} or {y} column (an older log?)")
-        cells = [(r[head.index(x)], r[head.index(y)]) for r in rows]
-        series[run.name] = line = [(float(a), float(b)) for a, b in cells if b]  # b: scored
+        i, j = head.index(x), head.index(y)
+        try:  # the rows that have y (the scores: every --eval-every steps)
+            line = [(float(r[i]), float(r[j])) for r in rows if r[j]]
+        except (ValueError, IndexError):
+            why = "a row that is not numbers; not a log.csv of train"
+            raise data.DataError(f"{csv}: {why}") from None
+        # each run by its folder's name, or by its path where two folders share a name
+        series[run.name if names.count(run.name) == 1 else str(run)] = line
         if not line:
             raise data.DataError(f"{csv}: no {y} in any row (--eval-every scores fid, kid, ...)")
     data.write_file(out, data.chart(series, x, y, marks).save)
-    print(f"{out}: {y} against {x} of {len(series)} runs")
+    print(f"{out}: {y} against {x} of {len(series)} run" + "s" * (len(series) > 1))
 
 
 # ---------------------------------------------------------------------------------- command line

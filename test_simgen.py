@@ -3455,3 +3455,18 @@ def test_plot_draws_each_runs_scored_rows_where_the_axes_put_them(tmp_path, caps
     assert "no seconds or sfid column" in err or "no step or sfid column" in err
     err = cli_error(["plot", str(tmp_path), "--out", str(tmp_path / "d.png")], capsys)
     assert err.rstrip().endswith("log.csv: not found; give run folders of train")
+    # two runs whose folders share a name are two lines, each named by its path
+    (tmp_path / "x" / "a").mkdir(parents=True)
+    (tmp_path / "x" / "a" / "log.csv").write_text("step,kid,seconds\n20,0.2,\n")
+    runs = [str(tmp_path / "a"), str(tmp_path / "x" / "a")]
+    simgen.main(["plot", *runs, "--x", "step", "--out", str(tmp_path / "e.png")])
+    assert "kid against step of 2 runs" in capsys.readouterr().out
+    with Image.open(tmp_path / "e.png") as im:
+        assert im.convert("RGB").load()[300, 390] == red  # (20, 0.2): the second, at the bottom
+    # an empty log.csv, a row that is not numbers: one line each
+    (tmp_path / "x" / "a" / "log.csv").write_text("")
+    err = cli_error(["plot", runs[1], "--out", str(tmp_path / "f.png")], capsys)
+    assert "no seconds or kid column" in err
+    (tmp_path / "x" / "a" / "log.csv").write_text("step,kid,seconds\n20,0.2,\n3O,0.1,\n")
+    err = cli_error(["plot", runs[1], "--x", "step", "--out", str(tmp_path / "f.png")], capsys)
+    assert "a row that is not numbers" in err
