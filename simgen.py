@@ -7,9 +7,9 @@ into 6 channels, and denoised by a residual U-Net (§3.3) over T = 250 DDPM step
 generated masks are decoded back to classes by cosine similarity.
 
 Reading order, the paper first: Config -> ResUNet -> GaussianDiffusion (DDPM Algorithms 1, 2;
-DDIM, DPM-Solver++, RePaint) -> train -> sample; then eval, segment (§5.5), bench and main().
+DDIM, DPM-Solver++, RePaint) -> train -> sample; then eval, segment (§5.5), plot, bench, main().
 
-Commands: train [DATA], sample CKPT, eval REAL FAKE, segment TRAIN --test REAL, bench;
+Commands: train [DATA], sample CKPT, eval REAL FAKE, segment TRAIN --test REAL, plot RUN, bench;
 `python simgen.py COMMAND -h` lists a command's flags. DATA is a dataset folder (data.py),
 "synthetic" (5 classes) or "synthetic:K" (2-64). Several GPUs: torchrun --nproc_per_node=N.
 """
